@@ -1,0 +1,822 @@
+"""PNTrack: a one-stream ViT tracker trained self-supervised, with Dual-mode Contextual Association.
+
+One readable module, in the order of the method:
+  1. config, boxes and crops                      (OSTrack / SSTrack pre-processing)
+  2. the one-stream ViT and the center head         (OSTrack, Ye et al. ECCV 2022)
+  3. losses: focal, GIoU, L1, instance contrast     (OSTrack; SSTrack Eq. 4-6)
+  4. DCA: prompts, noise tokens, noise decoder      (PNTrack, CVPR 2026, "Dual-mode Contextual Association")
+  5. the self-supervised training step              (SSTrack, AAAI 2025, decoupled cycle consistency, Alg. 1)
+  6. the inference Tracker and checkpoints          (OSTrack test-time pipeline + SSTrack's template memory)
+
+Papers: ../shared/papers (000 = PNTrack, 001 = SSTrack); the choices they leave open are in ../shared/DESIGN.md.
+Use it through the scripts: `python train.py` trains, `python track.py video.mp4 --box x,y,w,h` tracks.
+
+Conventions used everywhere below:
+  - a box is (cx, cy, w, h), float, in pixels of the image it lives in, 0-indexed continuous coordinates
+    (pixel i covers [i, i+1), its centre is i + 0.5). Files and the CLI use (x, y, w, h); the only
+    conversions are `xywh_to_cxcywh` / `cxcywh_to_xywh`.
+  - the head predicts boxes normalised to the search crop: (cx, cy, w, h) in [0, 1].
+  - images entering the network are float, ImageNet-normalised, (B, 3, S, S).
+"""
+import argparse
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import kernels
+
+# -----------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass
+class Config:
+    """Every knob of network, tracker and training; presets below; CLI flags map onto these names."""
+    name: str = "tiny"
+    # network (DESIGN §1). Nz = (template_size / patch_size)^2 template tokens, Nx likewise for the search.
+    embed_dim: int = 192
+    depth: int = 6
+    n_heads: int = 3
+    patch_size: int = 16
+    template_size: int = 64          # Sz
+    search_size: int = 128           # Sx
+    template_factor: float = 2.0     # template crop side = sqrt(w*h) * template_factor
+    search_factor: float = 4.0       # search crop side = sqrt(w*h) * search_factor
+    head_channels: int = 128         # center-head towers: c -> c/2 -> c/4 -> c/8 (OSTrack: 256)
+    drop_path: float = 0.0           # stochastic depth, max rate (linear over depth)
+    # tracker (inference)
+    n_templates: int = 3             # first frame + (n - 1) from the memory (SSTrack TEST.TEMPLATE_NUMBER)
+    memory_size: int = 64            # cap on stored template crops (thinned by 2 when full)
+    # DCA (DESIGN §3; PNTrack)
+    dca: bool = True
+    prompt: bool = True              # prompt mode for epoch <= dca_epoch
+    noise: bool = True               # noise mode for epoch > dca_epoch
+    prompt_source: str = "attn*cls"  # "attn*cls" | "cls" | "random_query" (paper ablation rows 1, 5, 2)
+    n_tokens: int = 8                # Kt, "token length" (paper's best: 8)
+    dca_epoch: int = 60              # K (our choice: the paper does not give it)
+    dca_schedule: str = "hard"       # "hard" (paper) | "soft" (linear ramp over [K - r, K + r])
+    dca_ramp: int = 10               # r, in epochs, for the soft schedule
+    # cycle consistency (DESIGN §2; SSTrack)
+    n_fwd: int = 3                   # forward (global) frames per sample
+    n_bwd: int = 2                   # backward (local) augmented views of the first frame
+    max_gap: int = 400               # forward frames are drawn within this many frames of the first
+    frame_size: int = 256            # L: frames are letterboxed to L x L (2 * Sx) for batched template crops
+    contrast: bool = True            # instance contrastive loss (SSTrack Eq. 5)
+    temperature: float = 0.5
+    grad_through_crop: bool = False  # keep forward boxes attached (our extension; SSTrack detaches)
+    # augmentation of the backward views (SSTrack Table 8, OSTrack jitter)
+    center_jitter: float = 3.0
+    scale_jitter: float = 0.5
+    shear: float = 0.1
+    blur_prob: float = 0.2
+    flip_prob: float = 0.5
+    color_jitter: float = 0.2
+    # optimisation (DESIGN §5)
+    epochs: int = 150
+    samples_per_epoch: int = 10000
+    batch_size: int = 8
+    lr: float = 2.5e-4
+    lr_backbone_mult: float = 0.1    # backbone lr = lr * mult (pretrained ViT)
+    weight_decay: float = 1e-4
+    lr_drop_epoch: int = 120         # lr / 10 after this epoch
+    grad_clip: float = 0.1
+
+
+# Presets. ViT-B numbers are SSTrack's / OSTrack's; `tiny` is ours, sized to train on a laptop CPU.
+PRESETS = {
+    "tiny": dict(),
+    "pntrack-256": dict(embed_dim=768, depth=12, n_heads=12, template_size=128, search_size=256,
+                        search_factor=4.0, head_channels=256, drop_path=0.1, frame_size=512),
+    "pntrack-384": dict(embed_dim=768, depth=12, n_heads=12, template_size=192, search_size=384,
+                        search_factor=5.0, head_channels=256, drop_path=0.1, frame_size=768),
+}
+
+
+def make_config(name="tiny", **overrides):
+    """A preset by name, with field overrides (unknown names raise, so a typo cannot pass silently)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; choose one of {', '.join(PRESETS)}")
+    known = {f.name for f in fields(Config)}
+    bad = set(overrides) - known
+    if bad:
+        raise ValueError(f"unknown config field(s): {', '.join(sorted(bad))}")
+    return replace(Config(), name=name, **{**PRESETS[name], **overrides})
+
+
+# -----------------------------------------------------------------------------
+# Boxes. Internally (cx, cy, w, h); (x, y, w, h) only at I/O boundaries.
+
+def xywh_to_cxcywh(box):
+    """(x, y, w, h) with (x, y) the top-left corner -> (cx, cy, w, h). Works on numpy arrays and tensors."""
+    xp = torch if torch.is_tensor(box) else np
+    return xp.stack([box[..., 0] + box[..., 2] / 2, box[..., 1] + box[..., 3] / 2, box[..., 2], box[..., 3]], -1)
+
+
+def cxcywh_to_xywh(box):
+    """(cx, cy, w, h) -> (x, y, w, h) with (x, y) the top-left corner."""
+    xp = torch if torch.is_tensor(box) else np
+    return xp.stack([box[..., 0] - box[..., 2] / 2, box[..., 1] - box[..., 3] / 2, box[..., 2], box[..., 3]], -1)
+
+
+def cxcywh_to_xyxy(box):
+    return torch.cat([box[..., :2] - box[..., 2:] / 2, box[..., :2] + box[..., 2:] / 2], -1)
+
+
+def box_iou(a, b):
+    """IoU and GIoU (Rezatofighi et al. CVPR 2019) of (..., 4) cxcywh boxes -> two (...) tensors."""
+    a, b = cxcywh_to_xyxy(a), cxcywh_to_xyxy(b)
+    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
+    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    lt, rb = torch.max(a[..., :2], b[..., :2]), torch.min(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = area_a + area_b - inter
+    iou = inter / union.clamp(min=1e-7)
+    # enclosing box: GIoU = IoU - (enclosure not covered by the union) / enclosure
+    lt, rb = torch.min(a[..., :2], b[..., :2]), torch.max(a[..., 2:], b[..., 2:])
+    enclose = (rb - lt).clamp(min=0).prod(-1)
+    giou = iou - (enclose - union) / enclose.clamp(min=1e-7)
+    return iou, giou
+
+
+# -----------------------------------------------------------------------------
+# Crops. A crop is a square region of side `sqrt(w*h) * factor` centred on the box, resampled to `size`
+# pixels; its transform is tf = (x0, y0, s): image px = crop px * s + (x0, y0). Out-of-image area is
+# black (zeros before normalisation), as in OSTrack/SSTrack `sample_target`.
+
+def box_to_crop(box, tf):
+    """Image (cx, cy, w, h) px -> crop px, for tf = (x0, y0, s) (numpy or torch, any leading dims)."""
+    xp = torch if torch.is_tensor(box) else np
+    x0, y0, s = tf[..., 0], tf[..., 1], tf[..., 2]
+    return xp.stack([(box[..., 0] - x0) / s, (box[..., 1] - y0) / s, box[..., 2] / s, box[..., 3] / s], -1)
+
+
+def box_from_crop(box, tf):
+    """Crop (cx, cy, w, h) px -> image px; the inverse of `box_to_crop`."""
+    xp = torch if torch.is_tensor(box) else np
+    x0, y0, s = tf[..., 0], tf[..., 1], tf[..., 2]
+    return xp.stack([box[..., 0] * s + x0, box[..., 1] * s + y0, box[..., 2] * s, box[..., 3] * s], -1)
+
+
+def to_rgb(image):
+    """PIL image or uint8 array (H, W), (H, W, 3) or (H, W, 4) -> RGB PIL image (grey/RGBA are converted)."""
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[..., 0]
+        image = Image.fromarray(np.ascontiguousarray(image.astype(np.uint8, copy=False)))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def warp_image(image, affine, size):
+    """Resample an RGB PIL image: output pixel centre p maps to input point `affine @ [p, 1]`.
+
+    affine: 2x3 (output px -> input px). Bilinear, black outside the image. Before a strong reduction
+    (scale s > 2 input px per output px) the needed region is box-filtered by an integer factor first,
+    so that large objects are not aliased; the training crops (letterboxed frames) are antialiased too.
+    Returns a uint8 array (size, size, 3).
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    scale = math.sqrt(abs(np.linalg.det(a[:, :2])))           # input px per output px
+    factor = int(scale // 2) if scale > 2 else 1
+    if factor > 1:
+        # the input region the output touches, clipped to the image, then reduced by `factor`
+        corners = a @ np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], dtype=np.float64).T
+        x0 = max(0, int(math.floor(corners[0].min())))
+        y0 = max(0, int(math.floor(corners[1].min())))
+        x1 = min(image.width, int(math.ceil(corners[0].max())))
+        y1 = min(image.height, int(math.ceil(corners[1].max())))
+        if x1 - x0 >= factor and y1 - y0 >= factor:
+            image = image.crop((x0, y0, x1, y1)).reduce(factor)
+            # reduced px u' covers input px [x0 + f u', x0 + f (u' + 1)): u' = (u - x0) / f
+            a = np.array([[a[0, 0], a[0, 1], a[0, 2] - x0], [a[1, 0], a[1, 1], a[1, 2] - y0]]) / factor
+    data = (a[0, 0], a[0, 1], a[0, 2], a[1, 0], a[1, 1], a[1, 2])
+    return np.array(image.transform((size, size), Image.AFFINE, data, resample=Image.BILINEAR))
+
+
+def crop_image(image, box, factor, size):
+    """Inference crop: square of side sqrt(w*h)*factor around `box` (cx, cy, w, h px) -> (uint8 (S, S, 3), tf)."""
+    side = math.sqrt(box[2] * box[3]) * factor
+    x0, y0, s = box[0] - side / 2, box[1] - side / 2, side / size
+    crop = warp_image(image, [[s, 0, x0], [0, s, y0]], size)
+    return crop, np.array([x0, y0, s])
+
+
+def crop_tensor(images, boxes, factor, size):
+    """Training crop, batched and differentiable: `F.affine_grid` + `F.grid_sample`, all samples in one call.
+
+    images: (B, C, H, W) float (un-normalised, so the padding is black); boxes: (B, 4) cxcywh px.
+    Returns crops (B, C, size, size) and tf (B, 3). Gradients reach `boxes` through the sampling grid.
+    """
+    B, C, H, W = images.shape
+    side = (boxes[:, 2] * boxes[:, 3]).clamp(min=1e-6).sqrt() * factor                      # (B,)
+    zero = torch.zeros_like(side)
+    # affine_grid maps output coords in [-1, 1] to input coords in [-1, 1] (align_corners=False:
+    # -1 and 1 are the outer pixel edges, as in our continuous pixel coordinates)
+    theta = torch.stack([torch.stack([side / W, zero, 2 * boxes[:, 0] / W - 1], -1),
+                         torch.stack([zero, side / H, 2 * boxes[:, 1] / H - 1], -1)], 1)   # (B, 2, 3)
+    grid = F.affine_grid(theta, (B, C, size, size), align_corners=False)                   # (B, S, S, 2)
+    crops = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    tf = torch.stack([boxes[:, 0] - side / 2, boxes[:, 1] - side / 2, side / size], -1)  # (B, 3)
+    return crops, tf
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images):
+    """uint8 or [0, 255] float (..., 3, H, W) -> float32 ImageNet-normalised, on the images' device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+# -----------------------------------------------------------------------------
+# 2. The one-stream ViT (OSTrack): template and search tokens in one transformer.
+# Module names follow timm's ViT so MAE / DropMAE checkpoints load by name (see `load_pretrained`).
+
+class Attention(nn.Module):
+    def __init__(self, dim, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_qk=False):
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
+        q, k, v = qkv.unbind(0)                                                 # (B, H, N, Dh) each
+        x = F.scaled_dot_product_attention(q, k, v)                             # (B, H, N, Dh)
+        x = self.proj(x.transpose(1, 2).reshape(B, N, D))                       # (B, N, D)
+        # DCA's prompt step needs this block's attention map; instead of materialising it we hand q and k
+        # to kernels.attn_score, which recomputes the few rows it needs flash-style (DESIGN §4)
+        return x, ((q, k) if return_qk else None)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= p
+    return x * keep.to(x.dtype) / (1 - p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)); LayerNorm eps 1e-6 as in MAE."""
+    def __init__(self, dim, n_heads, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, n_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.drop_path = drop_path
+
+    def forward(self, x, return_qk=False):
+        a, qk = self.attn(self.norm1(x), return_qk)
+        x = x + drop_path(a, self.drop_path, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return x, qk
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+
+    def forward(self, x):                       # (B, 3, S, S)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, (S/P)^2, D)
+
+
+def conv_bn_relu(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class CenterHead(nn.Module):
+    """OSTrack's center head: three conv towers on the search-token grid -> score, size, offset maps."""
+    def __init__(self, dim, channels):
+        super().__init__()
+        c = channels
+
+        def tower(n_out):
+            return nn.Sequential(conv_bn_relu(dim, c), conv_bn_relu(c, c // 2), conv_bn_relu(c // 2, c // 4),
+                                 conv_bn_relu(c // 4, c // 8), nn.Conv2d(c // 8, n_out, 1))
+        self.score, self.size, self.offset = tower(1), tower(2), tower(2)
+
+    def forward(self, feats):                   # (B, Nx, D)
+        B, Nx, D = feats.shape
+        G = math.isqrt(Nx)
+        f = feats.transpose(1, 2).reshape(B, D, G, G)                # (B, D, G, G)
+        # OSTrack clamps the sigmoid score so the focal loss's logs stay finite
+        score = torch.sigmoid(self.score(f)).clamp(1e-4, 1 - 1e-4)  # (B, 1, G, G): C, target centre prob.
+        size = torch.sigmoid(self.size(f))                           # (B, 2, G, G): w, h / search side
+        offset = torch.sigmoid(self.offset(f))                       # (B, 2, G, G): sub-cell offset
+        return score, size, offset
+
+
+def decode_box(score, size, offset):
+    """Center-head maps -> (B, 4) boxes (cx, cy, w, h) normalised to the search crop, taken at the score peak."""
+    B, _, G, _ = score.shape
+    idx = score.flatten(1).argmax(1)                                   # (B,) peak cell
+    row, col = (idx // G).to(size.dtype), (idx % G).to(size.dtype)
+    at = idx.view(B, 1, 1).expand(B, 2, 1)
+    wh = size.flatten(2).gather(2, at).squeeze(2)                      # (B, 2)
+    off = offset.flatten(2).gather(2, at).squeeze(2)                   # (B, 2)
+    return torch.stack([(col + off[:, 0]) / G, (row + off[:, 1]) / G, wh[:, 0], wh[:, 1]], -1)
+
+
+class PNTrack(nn.Module):
+    """The tracking network: the part kept at inference. DCA's parameters live in `DCA`, not here.
+
+    Token sequence: [context (Kt, training only); templates (T * Nz); search (Nx)].
+    Omitted on purpose: OSTrack/SSTrack's candidate elimination (dropping search tokens at layers 4/7/10),
+    a speed trick orthogonal to the method.
+    """
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D, P = cfg.embed_dim, cfg.patch_size
+        self.n_z, self.n_x = (cfg.template_size // P) ** 2, (cfg.search_size // P) ** 2
+        self.patch_embed = PatchEmbed(P, D)
+        self.pos_z = nn.Parameter(torch.zeros(1, self.n_z, D))   # separate learned position embeddings
+        self.pos_x = nn.Parameter(torch.zeros(1, self.n_x, D))
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(D, cfg.n_heads, r) for r in rates)
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = CenterHead(D, cfg.head_channels)
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.pos_z, std=0.02)
+        nn.init.trunc_normal_(self.pos_x, std=0.02)
+
+    def encode(self, z, x, ctx=None, return_qk=False):
+        """z: (B, T, 3, Sz, Sz) templates; x: (B, 3, Sx, Sx) search; ctx: (B, Kt, D) context or None.
+
+        Returns all output tokens (B, Kt + T*Nz + Nx, D) and, if asked, the last block's (q, k).
+        """
+        B, T = z.shape[:2]
+        z = self.patch_embed(z.flatten(0, 1)) + self.pos_z                    # (B*T, Nz, D)
+        z = z.reshape(B, T * self.n_z, -1)                                     # (B, T*Nz, D)
+        x = self.patch_embed(x) + self.pos_x                                   # (B, Nx, D)
+        t = torch.cat([z, x] if ctx is None else [ctx.to(x.dtype), z, x], 1)   # (B, N, D)
+        qk = None
+        for i, blk in enumerate(self.blocks):
+            t, qk = blk(t, return_qk and i == len(self.blocks) - 1)
+        return self.norm(t), qk
+
+    def forward(self, z, x):
+        """Inference path: templates + search -> score, size, offset maps (no context, no DCA)."""
+        tokens, _ = self.encode(z, x)
+        return self.head(tokens[:, -self.n_x:])
+
+
+def init_weights(m):
+    # timm ViT init: truncated normal for linear layers, unit/zero LayerNorm
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def load_pretrained(net, path):
+    """Load an MAE / DropMAE ViT-B checkpoint into the backbone; returns (missing, unexpected) key lists.
+
+    Format (timm names): state dict under "model"; `patch_embed.proj.*`, `blocks.N.{norm1,attn.qkv,attn.proj,
+    norm2,mlp.fc1,mlp.fc2}.*`, `norm.*`, `pos_embed` (1, 1 + 14*14, D) with a cls slot, plus MAE's decoder
+    (`decoder_*`, `mask_token`) and DropMAE's `temporal_pos_embed_x/z`, all reported as unexpected.
+    `pos_embed` is split into pos_z and pos_x by bicubic interpolation of its 14x14 grid.
+    """
+    try:
+        # DropMAE also pickles its argparse.Namespace; allow exactly that, never full pickle
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path}: no state dict of tensors found (expected a dict, or one under 'model')")
+    mapped, unexpected = {}, []
+    for key, value in state.items():
+        if key == "pos_embed":
+            n = value.shape[1]
+            grid = value[:, 1:] if math.isqrt(n - 1) ** 2 == n - 1 else value     # drop the cls slot
+            mapped["pos_z"] = resize_pos_embed(grid, math.isqrt(net.n_z))
+            mapped["pos_x"] = resize_pos_embed(grid, math.isqrt(net.n_x))
+        elif key.startswith(("patch_embed.", "blocks.", "norm.")):
+            mapped[key] = value
+        else:
+            unexpected.append(key)           # cls_token, decoder_*, mask_token, temporal_pos_embed_*
+    try:
+        missing, extra = net.load_state_dict(mapped, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: tensor shapes do not fit config {net.cfg.name!r}: {str(e)[:300]}") from None
+    return sorted(missing), sorted(unexpected + list(extra))
+
+
+def resize_pos_embed(grid, size):
+    """(1, g*g, D) position embedding -> (1, size*size, D), bicubic, align_corners=False."""
+    g, D = math.isqrt(grid.shape[1]), grid.shape[2]
+    grid = grid.reshape(1, g, g, D).permute(0, 3, 1, 2).float()                       # (1, D, g, g)
+    grid = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, size * size, D)
+
+
+# -----------------------------------------------------------------------------
+# 3. Losses (OSTrack: focal 1, GIoU 2, L1 5; SSTrack Eq. 4)
+
+LOSS_WEIGHTS = dict(focal=1.0, giou=2.0, l1=5.0)
+
+
+def gaussian_radius(h, w, min_overlap=0.7):
+    """CenterNet's radius (cells) such that a box shifted by it still has IoU >= min_overlap. h, w: tensors."""
+    b1 = h + w
+    c1 = w * h * (1 - min_overlap) / (1 + min_overlap)
+    r1 = (b1 + torch.sqrt(b1 ** 2 - 4 * c1)) / 2
+    b2 = 2 * (h + w)
+    c2 = (1 - min_overlap) * w * h
+    r2 = (b2 + torch.sqrt(b2 ** 2 - 16 * c2)) / 2
+    a3 = 4 * min_overlap
+    b3 = -2 * min_overlap * (h + w)
+    c3 = (min_overlap - 1) * w * h
+    r3 = (b3 + torch.sqrt(b3 ** 2 - 4 * a3 * c3)) / 2
+    return torch.min(torch.min(r1, r2), r3)
+
+
+def gaussian_heatmap(boxes, G):
+    """Target score map (B, 1, G, G): a Gaussian with peak exactly 1 at the cell holding the box centre.
+
+    boxes: (B, 4) normalised (cx, cy, w, h). As in OSTrack: integer radius, sigma = (2r + 1) / 6.
+    """
+    b = boxes * G                                                          # in cells
+    r = gaussian_radius(b[:, 3], b[:, 2]).clamp(min=0).floor()             # (B,)
+    sigma = ((2 * r + 1) / 6).view(-1, 1, 1)
+    centre = b[:, :2].floor().clamp(0, G - 1)                              # (B, 2) peak cell (col, row)
+    ax = torch.arange(G, device=boxes.device, dtype=boxes.dtype)
+    dx = (ax.view(1, 1, G) - centre[:, 0].view(-1, 1, 1)) ** 2             # (B, 1, G)
+    dy = (ax.view(1, G, 1) - centre[:, 1].view(-1, 1, 1)) ** 2             # (B, G, 1)
+    return torch.exp(-(dx + dy) / (2 * sigma ** 2)).unsqueeze(1)           # (B, 1, G, G)
+
+
+def focal_loss(score, target):
+    """CenterNet's focal loss (alpha 2, beta 4) between probabilities and a Gaussian target, per positive."""
+    pos = target.eq(1).float()
+    pos_loss = torch.log(score) * (1 - score) ** 2 * pos
+    neg_loss = torch.log(1 - score) * score ** 2 * (1 - target) ** 4 * (1 - pos)
+    return -(pos_loss.sum() + neg_loss.sum()) / pos.sum().clamp(min=1)
+
+
+def track_loss(score, size, offset, target):
+    """Tracking loss of one prediction against (B, 4) normalised target boxes -> (total, focal, giou, l1).
+
+    As in OSTrack, the box losses use the box decoded at the *predicted* peak.
+    """
+    pred = decode_box(score, size, offset)                                         # (B, 4)
+    focal = focal_loss(score, gaussian_heatmap(target, score.shape[-1]))
+    _, giou = box_iou(pred, target)
+    giou = (1 - giou).mean()
+    l1 = F.l1_loss(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target))
+    total = LOSS_WEIGHTS["focal"] * focal + LOSS_WEIGHTS["giou"] * giou + LOSS_WEIGHTS["l1"] * l1
+    return total, focal, giou, l1
+
+
+def box_mask(boxes, G):
+    """(B, 4) normalised boxes -> (B, G*G) bool, True for the cells whose centre lies inside the box.
+
+    Correct (cx, cy, w, h) handling: SSTrack's code reads its prediction as (x, y, w, h) and so shifts this
+    mask by half a box (DESIGN §2.4); we don't.
+    """
+    c = (torch.arange(G, device=boxes.device, dtype=boxes.dtype) + 0.5) / G                 # (G,) cell centres
+    in_x = (c[None] - boxes[:, 0:1]).abs() <= boxes[:, 2:3] / 2                            # (B, G) columns
+    in_y = (c[None] - boxes[:, 1:2]).abs() <= boxes[:, 3:4] / 2                            # (B, G) rows
+    return (in_y[:, :, None] & in_x[:, None, :]).flatten(1)                                # (B, G*G) row-major
+
+
+def instance_contrast(a, b, tau):
+    """Instance contrastive loss (SSTrack Eq. 5; their code: NT-Xent, cosine similarity, temperature 0.5).
+
+    a, b: (n, D) pooled target features of two views; a[i], b[i] is a positive pair, every other vector in
+    the batch a negative. Needs n >= 2 (otherwise there is no negative): returns 0 then.
+    """
+    n = a.shape[0]
+    if n < 2:
+        return a.sum() * 0
+    z = F.normalize(torch.cat([a, b]).float(), dim=1)                       # (2n, D)
+    sim = (z @ z.T / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)   # index of each one's pair
+    return F.cross_entropy(sim, positive)
+
+
+# -----------------------------------------------------------------------------
+# 4. DCA: Dual-mode Contextual Association (PNTrack; DESIGN §3). Training only.
+# Up to Kt context tokens T (B, Kt, D) are prepended to the next tracking step's token sequence, in the
+# forward and the backward branch alike. Early epochs (<= K) T holds semantic *prompts*: the search tokens
+# with the highest attention x class score. Later epochs T holds *noise*: random background tokens of
+# another sequence, and a noise decoder learns to track through them. All of it is dropped at inference.
+
+def dca_mode(cfg, epoch, step_seed=0):
+    """Which context the batches of `epoch` (1-based) use: "prompt", "noise", or None (no context)."""
+    if not cfg.dca:
+        return None
+    if cfg.dca_schedule == "hard":             # PNTrack: prompt mode for epoch <= K, noise mode after
+        noise = epoch > cfg.dca_epoch
+    elif cfg.dca_schedule == "soft":           # the paper's future work: P(noise) ramps over [K - r, K + r]
+        r = max(cfg.dca_ramp, 1)
+        p = min(max((epoch - (cfg.dca_epoch - r)) / (2 * r), 0.0), 1.0)
+        noise = np.random.default_rng(step_seed).random() < p   # same draw on every DDP rank
+    else:
+        raise ValueError(f"dca_schedule must be 'hard' or 'soft', not {cfg.dca_schedule!r}")
+    # our choice for the ablations: a switched-off mode leaves its epochs without context tokens
+    if noise:
+        return "noise" if cfg.noise else None
+    return "prompt" if cfg.prompt else None
+
+
+def prompt_tokens(cfg, feats, score, qk, n_ctx, n_z):
+    """Prompt mode: the Kt search tokens with the highest score s = a * C (PNTrack "semantic prompt sampling").
+
+    a (B, Nx): last-block attention from template rows to search columns, averaged over heads and rows;
+    C (B, Nx): the class map. Both computed in kernels.py (Triton on CUDA, PyTorch elsewhere).
+    prompt_source "cls" scores by C alone (paper ablation row 5). The tokens are detached.
+    """
+    cls_map = score.detach().flatten(1).float()                               # (B, Nx) C
+    if cfg.prompt_source == "attn*cls":
+        q, k = qk
+        s = kernels.attn_score(q.detach(), k.detach(), cls_map, n_ctx, n_z)   # (B, Nx) a * C
+    else:
+        s = cls_map
+    _, tokens = kernels.topk_gather(s, feats.detach(), cfg.n_tokens)          # (B, Kt, D)
+    return tokens
+
+
+def noise_tokens(cfg, feats, boxes):
+    """Noise mode: Kt random background tokens (outside the predicted box) of *another* sequence of the batch.
+
+    Each row draws from its own background, then the batch is rolled by one, so sample i receives sample
+    i-1's tokens (with a batch of one there is no other sequence: it gets its own background).
+    """
+    B, Nx, D = feats.shape
+    background = ~box_mask(boxes.detach().float(), math.isqrt(Nx))            # (B, Nx)
+    # a tiny weight inside the box keeps sampling without replacement possible when the box covers nearly all
+    weights = background.float() + 1e-6
+    idx = torch.multinomial(weights, cfg.n_tokens, replacement=False)         # (B, Kt)
+    tokens = feats.detach().gather(1, idx[..., None].expand(-1, -1, D))        # (B, Kt, D)
+    return tokens.roll(1, dims=0)
+
+
+class NoiseDecoder(nn.Module):
+    """One transformer decoder layer: search features attend to the noise tokens (cross-attention), then MLP."""
+    def __init__(self, dim, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm_q, self.norm_kv = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim)
+
+    def forward(self, x, t):                  # x: (B, Nx, D) search features, t: (B, Kt, D) noise tokens
+        B, N, D = x.shape
+        H = self.n_heads
+        q = self.q(self.norm_q(x)).view(B, N, H, D // H).transpose(1, 2)                  # (B, H, Nx, Dh)
+        k, v = self.kv(self.norm_kv(t)).view(B, -1, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, Kt, Dh) each
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)    # (B, Nx, D)
+        x = x + self.proj(a)
+        return x + self.mlp(self.norm2(x))
+
+
+class DCA(nn.Module):
+    """DCA's learned parts. None of them is in PNTrack (the network), so none can reach inference."""
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.embed_dim
+        self.ctx_type = nn.Parameter(torch.zeros(1, 1, D))          # type embedding added to context tokens
+        # prompt_source "random_query" only: a randomly initialised, non-semantic query (the paper's words).
+        # It enters at the first forward step, which runs without gradient, so it is a fixed buffer.
+        self.register_buffer("query", torch.randn(1, cfg.n_tokens, D) * 0.02)
+        self.noise_decoder = NoiseDecoder(D, cfg.n_heads)
+        self.noise_head = CenterHead(D, cfg.head_channels)          # the noise decoder's own center head
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.ctx_type, std=0.02)
+
+
+# -----------------------------------------------------------------------------
+# 5. Self-supervised training step (SSTrack Alg. 1, "decoupled spatio-temporal consistency", + DCA).
+# Supervision: the first-frame box only. Forward: global search on whole later frames (no loss).
+# Backward: local tracking of augmented first-frame views from templates cut at the forward predictions;
+# their target is the first box, moved by the augmentation, so it is known exactly.
+
+TERMS = ("loss", "focal", "giou", "l1", "contrast", "noise", "iou")   # what `SelfSupervised` reports
+
+
+class SelfSupervised(nn.Module):
+    """The training graph: network + DCA. One call = one batch of cycles; returns (loss, terms).
+
+    Wrapped whole by DistributedDataParallel, so every tracking step of the cycle runs inside one forward.
+    """
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.net = PNTrack(cfg)
+        self.dca = DCA(cfg) if cfg.dca else None
+
+    def step(self, z, x, ctx, mode):
+        """One tracking step with DCA context `ctx`; returns the head maps, search features, box and next context."""
+        cfg, net = self.cfg, self.net
+        n_ctx = 0 if ctx is None else ctx.shape[1]
+        want_qk = mode == "prompt" and cfg.prompt_source == "attn*cls"
+        tokens, qk = net.encode(z, x, None if ctx is None else ctx + self.dca.ctx_type, return_qk=want_qk)
+        feats = tokens[:, -net.n_x:]                                             # (B, Nx, D)
+        score, size, offset = (m.float() for m in net.head(feats))
+        box = decode_box(score, size, offset)                                    # (B, 4) normalised
+        if mode == "prompt" and cfg.prompt_source == "random_query":
+            # non-semantic query (ablation row 2): the query tokens' outputs, carried on (ODTrack/SSTrack)
+            nxt = tokens[:, :n_ctx].detach() if n_ctx else None
+        elif mode == "prompt":
+            nxt = prompt_tokens(cfg, feats, score, qk, n_ctx, tokens.shape[1] - n_ctx - net.n_x)
+        elif mode == "noise":
+            nxt = noise_tokens(cfg, feats, box)
+        else:
+            nxt = None
+        return score, size, offset, feats, box, nxt
+
+    def forward(self, template, frames, views, targets, mode=None):
+        """template (B, 3, Sz, Sz): first-frame crop around the first box; frames (B, n_fwd, 3, L, L): later
+        frames letterboxed into L x L; views (B, n_bwd, 3, Sx, Sx): augmented first-frame search crops;
+        targets (B, n_bwd, 4): the first box in each view, normalised. Images uint8. mode: `dca_mode(...)`.
+        """
+        cfg = self.cfg
+        B, L = template.shape[0], frames.shape[-1]
+        z0 = normalize(template)[:, None]                                       # (B, 1, 3, Sz, Sz)
+        # context tokens live inside one sample's cycle: reset for every batch (DESIGN §3 "Lifetime")
+        ctx = None
+        if mode == "prompt" and cfg.prompt_source == "random_query":
+            ctx = self.dca.query.expand(B, -1, -1)
+
+        # 1. forward, global: the whole frame is the search image (SSTrack: search factor "no use")
+        z_bwd = []
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.grad_through_crop):
+            for t in range(cfg.n_fwd):
+                frame = frames[:, t].float()                                    # (B, 3, L, L), 0..255
+                x = F.interpolate(frame, size=cfg.search_size, mode="bilinear", antialias=True, align_corners=False)
+                *_, box, ctx = self.step(z0, normalize(x), ctx, mode)
+                if not cfg.grad_through_crop:
+                    box = box.detach()           # SSTrack: the forward branch learns only via shared weights
+                # 2. backward templates: z_t = crop(f_t, predicted box), batched differentiable crop
+                z_t, _ = crop_tensor(frame, box * L, cfg.template_factor, cfg.template_size)
+                z_bwd.append(normalize(z_t))
+        z = torch.stack(z_bwd, 1)                                                # (B, n_fwd, 3, Sz, Sz)
+
+        # 3. backward, local: track each augmented view of the first frame with all forward templates
+        terms = torch.zeros(len(TERMS), device=template.device)
+        loss, pooled = 0.0, []
+        for v in range(cfg.n_bwd):
+            ctx_in = ctx
+            score, size, offset, feats, box, ctx = self.step(z, normalize(views[:, v]), ctx_in, mode)
+            total, focal, giou, l1 = track_loss(score, size, offset, targets[:, v])
+            loss = loss + total / cfg.n_bwd
+            terms[1:4] += torch.stack([focal, giou, l1]).detach() / cfg.n_bwd
+            terms[6] += box_iou(box.detach(), targets[:, v])[0].mean() / cfg.n_bwd
+            if mode == "noise" and ctx_in is not None:
+                # noise decoder: an extra prediction from the perturbed search features, same target
+                n_score, n_size, n_offset = (m.float() for m in self.dca.noise_head(self.dca.noise_decoder(feats, ctx_in)))
+                noise = track_loss(n_score, n_size, n_offset, targets[:, v])[0] / cfg.n_bwd
+                loss = loss + noise
+                terms[5] += noise.detach()
+            mask = box_mask(box.detach(), math.isqrt(feats.shape[1])).to(feats.dtype)   # (B, Nx)
+            pooled.append(((feats * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1), mask.sum(1) > 0))
+
+        # 4. instance contrast between the two views of each sample (samples with an empty mask skipped)
+        if cfg.contrast and cfg.n_bwd >= 2:
+            (a, ok_a), (b, ok_b) = pooled[0], pooled[1]
+            ok = ok_a & ok_b
+            contrast = instance_contrast(a[ok], b[ok], cfg.temperature)
+            loss = loss + contrast
+            terms[4] = contrast.detach()
+        terms[0] = loss.detach()
+        return loss, terms
+
+
+# -----------------------------------------------------------------------------
+# 6. Inference: the Tracker (OSTrack's test pipeline + SSTrack's template memory). No DCA part runs here:
+# no context tokens, no noise decoder, no attention capture -- a plain one-stream tracker.
+
+def hann2d(G):
+    """(1, 1, G, G) cosine window, OSTrack's `hann2d(centered=True)`: penalises large jumps."""
+    w = 0.5 * (1 - torch.cos(2 * math.pi / (G + 1) * torch.arange(1, G + 1, dtype=torch.float32)))
+    return (w[:, None] * w[None, :]).view(1, 1, G, G)
+
+
+def clip_box(box, width, height, margin=10):
+    """Clip a (cx, cy, w, h) box to the image, keeping at least `margin` px inside (OSTrack/SSTrack clip_box)."""
+    x1, y1 = box[0] - box[2] / 2, box[1] - box[3] / 2
+    x2, y2 = x1 + box[2], y1 + box[3]
+    x1, y1 = min(max(0.0, x1), width - margin), min(max(0.0, y1), height - margin)
+    x2, y2 = min(max(margin, x2), width), min(max(margin, y2), height)
+    w, h = max(margin, x2 - x1), max(margin, y2 - y1)
+    return np.array([x1 + w / 2, y1 + h / 2, w, h])
+
+
+def pick_device(name=None):
+    """The one place a device is chosen: `name` if given, else CUDA when available, else CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+class Tracker:
+    """`init(image, box)` then `update(image) -> box`; boxes are (x, y, w, h) in image pixels.
+
+    Images: PIL images or uint8 arrays (grey and RGBA are converted). On CUDA the network runs under
+    bf16 autocast, on CPU in float32.
+    """
+    def __init__(self, net, device=None):
+        self.cfg = net.cfg
+        self.device = pick_device(device)
+        self.net = net.to(self.device).eval()
+        self.window = hann2d(math.isqrt(net.n_x)).to(self.device)
+
+    def _tensor(self, crop):          # uint8 (S, S, 3) -> normalised (3, S, S) on the device
+        return normalize(torch.from_numpy(crop).to(self.device).permute(2, 0, 1))
+
+    def _template(self, image, box):
+        crop, _ = crop_image(image, box, self.cfg.template_factor, self.cfg.template_size)
+        return self._tensor(crop)
+
+    @torch.inference_mode()
+    def init(self, image, box):
+        image = to_rgb(image)
+        x, y, w, h = (float(v) for v in box)
+        W, H = image.size
+        if not (w > 0 and h > 0):
+            raise ValueError(f"box {tuple(box)} has zero or negative size (image is {W}x{H})")
+        if x >= W or y >= H or x + w <= 0 or y + h <= 0:
+            raise ValueError(f"box {tuple(box)} lies entirely outside the {W}x{H} image")
+        self.box = np.array([x + w / 2, y + h / 2, w, h])
+        self.first = self._template(image, self.box)          # (3, Sz, Sz)
+        self.memory = []                                        # templates cropped at past predictions
+
+    def templates(self):
+        """First-frame template + (n - 1) picked evenly over the memory (SSTrack: one per segment)."""
+        n, mem = self.cfg.n_templates, self.memory
+        picks = [mem[len(mem) * (i + 1) // (n - 1) - 1] if mem else self.first for i in range(n - 1)]
+        return torch.stack([self.first] + picks)[None]          # (1, n, 3, Sz, Sz)
+
+    @torch.inference_mode()
+    def update(self, image):
+        image = to_rgb(image)
+        crop, tf = crop_image(image, self.box, self.cfg.search_factor, self.cfg.search_size)
+        x = self._tensor(crop)[None]                            # (1, 3, Sx, Sx)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            score, size, offset = self.net(self.templates(), x)
+        box = decode_box(score.float() * self.window, size.float(), offset.float())[0]   # normalised crop box
+        box = box_from_crop(box.cpu().double().numpy() * self.cfg.search_size, tf)        # image px
+        self.box = clip_box(box, *image.size)
+        self.memory.append(self._template(image, self.box))
+        if len(self.memory) >= 2 * self.cfg.memory_size:       # bounded memory: keep every other crop
+            self.memory = self.memory[1::2]
+        return cxcywh_to_xywh(self.box)
+
+
+def save_checkpoint(path, net):
+    """Weights + config only: what track.py loads, safe with `weights_only=True`."""
+    atomic_save({"config": asdict(net.cfg), "model": net.state_dict()}, path)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a run killed mid-write leaves the old file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, device="cpu"):
+    """A checkpoint written by `save_checkpoint` -> PNTrack network with its config."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        cfg = Config(**ckpt["config"])
+    except Exception as e:
+        raise ValueError(f"{path}: not a pntrack checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    net = PNTrack(cfg)
+    net.load_state_dict(ckpt["model"])
+    return net.to(device)
