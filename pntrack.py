@@ -22,6 +22,7 @@ import argparse
 import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -49,7 +50,7 @@ class Config:
     search_size: int = 128           # Sx
     template_factor: float = 2.0     # template crop side = sqrt(w*h) * template_factor
     search_factor: float = 4.0       # search crop side = sqrt(w*h) * search_factor
-    head_channels: int = 128         # center-head towers: c -> c/2 -> c/4 -> c/8 (OSTrack: 256)
+    head_channels: int = 256         # center-head towers: c -> c/2 -> c/4 -> c/8 (OSTrack: 256)
     drop_path: float = 0.0           # stochastic depth, max rate (linear over depth)
     # tracker (inference)
     n_templates: int = 3             # first frame + (n - 1) from the memory (SSTrack TEST.TEMPLATE_NUMBER)
@@ -91,11 +92,14 @@ class Config:
 
 # Presets. ViT-B numbers are SSTrack's / OSTrack's; `tiny` is ours, sized to train on a laptop CPU.
 PRESETS = {
-    "tiny": dict(),
+    # tiny trains from scratch on a CPU in minutes: short schedule, higher lr, no backbone lr split, and a
+    # head scaled with the width (64 = 256 * 192 / 768); K and the lr drop at ~40% and ~85% of the epochs
+    "tiny": dict(head_channels=64, epochs=13, samples_per_epoch=512, lr=1e-3, lr_backbone_mult=1.0,
+                 dca_epoch=5, lr_drop_epoch=11),
     "pntrack-256": dict(embed_dim=768, depth=12, n_heads=12, template_size=128, search_size=256,
-                        search_factor=4.0, head_channels=256, drop_path=0.1, frame_size=512),
+                        search_factor=4.0, drop_path=0.1, frame_size=512),
     "pntrack-384": dict(embed_dim=768, depth=12, n_heads=12, template_size=192, search_size=384,
-                        search_factor=5.0, head_channels=256, drop_path=0.1, frame_size=768),
+                        search_factor=5.0, drop_path=0.1, frame_size=768),
 }
 
 
@@ -317,6 +321,9 @@ class CenterHead(nn.Module):
             return nn.Sequential(conv_bn_relu(dim, c), conv_bn_relu(c, c // 2), conv_bn_relu(c // 2, c // 4),
                                  conv_bn_relu(c // 4, c // 8), nn.Conv2d(c // 8, n_out, 1))
         self.score, self.size, self.offset = tower(1), tower(2), tower(2)
+        # our choice: start the score map at a low prior (p = 0.01), as RetinaNet/CenterNet do for focal
+        # losses; otherwise the first few thousand samples go to learning that most cells are background
+        nn.init.constant_(self.score[-1].bias, -math.log((1 - 0.01) / 0.01))
 
     def forward(self, feats):                   # (B, Nx, D)
         B, Nx, D = feats.shape
@@ -408,7 +415,8 @@ def load_pretrained(net, path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ValueError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:150] if str(e) else ''})") from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path}: no state dict of tensors found (expected a dict, or one under 'model')")
@@ -748,6 +756,7 @@ class Tracker:
         self.device = pick_device(device)
         self.net = net.to(self.device).eval()
         self.window = hann2d(math.isqrt(net.n_x)).to(self.device)
+        self.model_seconds = 0.0        # time spent in the network alone, for the "model FPS" figure
 
     def _tensor(self, crop):          # uint8 (S, S, 3) -> normalised (3, S, S) on the device
         return normalize(torch.from_numpy(crop).to(self.device).permute(2, 0, 1))
@@ -759,12 +768,12 @@ class Tracker:
     @torch.inference_mode()
     def init(self, image, box):
         image = to_rgb(image)
-        x, y, w, h = (float(v) for v in box)
+        x, y, w, h = box = tuple(float(v) for v in box)
         W, H = image.size
         if not (w > 0 and h > 0):
-            raise ValueError(f"box {tuple(box)} has zero or negative size (image is {W}x{H})")
+            raise ValueError(f"box {box} has zero or negative size (image is {W}x{H})")
         if x >= W or y >= H or x + w <= 0 or y + h <= 0:
-            raise ValueError(f"box {tuple(box)} lies entirely outside the {W}x{H} image")
+            raise ValueError(f"box {box} lies entirely outside the {W}x{H} image")
         self.box = np.array([x + w / 2, y + h / 2, w, h])
         self.first = self._template(image, self.box)          # (3, Sz, Sz)
         self.memory = []                                        # templates cropped at past predictions
@@ -780,8 +789,13 @@ class Tracker:
         image = to_rgb(image)
         crop, tf = crop_image(image, self.box, self.cfg.search_factor, self.cfg.search_size)
         x = self._tensor(crop)[None]                            # (1, 3, Sx, Sx)
+        z = self.templates()
+        start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            score, size, offset = self.net(self.templates(), x)
+            score, size, offset = self.net(z, x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.model_seconds += time.perf_counter() - start
         box = decode_box(score.float() * self.window, size.float(), offset.float())[0]   # normalised crop box
         box = box_from_crop(box.cpu().double().numpy() * self.cfg.search_size, tf)        # image px
         self.box = clip_box(box, *image.size)
@@ -814,9 +828,12 @@ def load_checkpoint(path, device="cpu"):
     """A checkpoint written by `save_checkpoint` -> PNTrack network with its config."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        cfg = Config(**ckpt["config"])
-    except Exception as e:
-        raise ValueError(f"{path}: not a pntrack checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    net = PNTrack(cfg)
-    net.load_state_dict(ckpt["model"])
+    except Exception:
+        raise ValueError(f"{path}: not a pntrack checkpoint (torch.load cannot read it)") from None
+    try:
+        net = PNTrack(Config(**ckpt["config"]))
+        net.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a pntrack checkpoint, or from another code version "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
     return net.to(device)

@@ -10,7 +10,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse
 import math
+import re
+import shutil
+import subprocess
+import sys
+import time
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -19,6 +25,8 @@ from PIL import Image
 
 import kernels
 import pntrack
+import track
+import train
 from pntrack import box_from_crop, box_iou, box_to_crop, crop_image, crop_tensor, make_config
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -563,3 +571,630 @@ def test_tracker_touches_no_dca_parameter_and_matches_a_model_built_without_dca(
         outputs.append(np.array([tracker.update(f) for f in frames[1:]]))
     assert np.isfinite(outputs[0]).all()
     assert np.array_equal(outputs[0], outputs[1])
+
+
+# --- train.py: data, first-box-only, bad input, resume, DDP -----------------------------------------------
+
+
+
+def write_sequence(folder, n=6, size=(96, 72), box=(30, 20, 20, 16), mode="RGB", sub=None):
+    """A small sequence of JPEGs (a bright square moving right over noise); returns the frame folder."""
+    d = os.path.join(folder, sub) if sub else folder
+    os.makedirs(d, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for t in range(n):
+        img = rng.integers(0, 120, (size[1], size[0], 3), dtype=np.uint8)
+        x, y, w, h = box
+        img[y:y + h, x + 2 * t:x + 2 * t + w] = 230
+        Image.fromarray(img).convert(mode).save(os.path.join(d, f"{t + 1:08d}.jpg"))
+    return d
+
+
+def write_video(path, n=8, size=(96, 64)):
+    import av
+    with av.open(path, "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
+        for t in range(n):
+            img = np.full((size[1], size[0], 3), 40, np.uint8)
+            img[20:40, 10 + 3 * t:30 + 3 * t] = 220
+            c.mux(s.encode(__import__("av").VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+
+
+def dataset_tree(root):
+    """One sequence in each supported layout; returns {name: expected first box (x, y, w, h)}."""
+    seqs = {}
+    write_sequence(os.path.join(root, "got10k", "GOT-10k_Train_000001"))                     # frames + gt
+    open(os.path.join(root, "got10k", "GOT-10k_Train_000001", "groundtruth.txt"), "w").write("30,20,20,16\n31,20,20,16\n")
+    seqs["got10k/GOT-10k_Train_000001"] = (30, 20, 20, 16)
+    lasot = os.path.join(root, "lasot", "airplane", "airplane-1")                             # class/name/img
+    write_sequence(lasot, sub="img")
+    open(os.path.join(lasot, "groundtruth.txt"), "w").write("28,18,22,18\n")
+    seqs["lasot/airplane/airplane-1"] = (28, 18, 22, 18)
+    otb = os.path.join(root, "otb", "Basketball")                                            # img/ + tabs
+    write_sequence(otb, sub="img", mode="L")
+    open(os.path.join(otb, "groundtruth_rect.txt"), "w").write("30\t20\t20\t16\n")
+    seqs["otb/Basketball"] = (30, 20, 20, 16)
+    vot = os.path.join(root, "vot", "bag")                                                    # color/ + polygon
+    write_sequence(vot, sub="color")
+    open(os.path.join(vot, "groundtruth.txt"), "w").write("30,20,50,22,48,36,28,34\n")
+    seqs["vot/bag"] = (28, 20, 22, 16)
+    os.makedirs(os.path.join(root, "videos"))
+    write_video(os.path.join(root, "videos", "clip.mp4"))                                     # video + sidecar
+    open(os.path.join(root, "videos", "clip.txt"), "w").write("10 20 20 20\n")
+    seqs["clip.mp4"] = (10, 20, 20, 20)
+    Image.fromarray(np.full((60, 80, 3), 90, np.uint8)).save(os.path.join(root, "videos", "cat.png"))  # still
+    open(os.path.join(root, "videos", "cat.txt"), "w").write("20,10,30,30\n")
+    seqs["videos/cat.png"] = (20, 10, 30, 30)
+    return seqs
+
+
+def test_every_supported_layout_is_discovered_with_its_first_box(tmp_path):
+    expected = dataset_tree(str(tmp_path))
+    found, problems = train.find_sequences(str(tmp_path), make_config("tiny"))
+    assert problems == []
+    got = {s.name: tuple(np.round(pntrack.cxcywh_to_xywh(s.first_box), 3)) for s in found}
+    assert got == {k: tuple(float(v) for v in b) for k, b in expected.items()}
+    lengths = {s.name: len(s) for s in found}
+    assert lengths["videos/cat.png"] == 1 and lengths["lasot/airplane/airplane-1"] == 6
+    for seq in found:                 # every layout yields a training sample of the right shapes
+        template, frames, views, targets = train.make_sample(seq, make_config("tiny"), np.random.default_rng(0))
+        assert template.shape == (3, 64, 64) and frames.shape == (3, 3, 256, 256) and views.shape == (2, 3, 128, 128)
+        assert targets.shape == (2, 4) and torch.isfinite(targets).all()
+
+
+def test_only_the_first_box_is_ever_read(tmp_path, monkeypatch):
+    root = str(tmp_path / "data")
+    for i in range(2):
+        folder = os.path.join(root, f"seq{i}")
+        write_sequence(folder)
+        lines = ["30,20,20,16"] + ["corrupt line %d !!" % k for k in range(5)]        # only line 1 is valid
+        open(os.path.join(folder, "groundtruth.txt"), "w").write("\n".join(lines) + "\n")
+
+    def no_full_read(*a, **k):
+        raise AssertionError("training read a whole ground-truth file")
+    monkeypatch.setattr(track, "read_boxes", no_full_read)
+    code = train.main(["--data", root, "--epochs", "1", "--samples-per-epoch", "4", "--batch-size", "2",
+                       "--eval-clips", "0", "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert os.path.exists(tmp_path / "out" / "pntrack.pt")
+
+
+def test_view_targets_follow_the_augmentation(tmp_path):
+    # a white box on black: in every augmented view the target box must frame the white pixels
+    img = np.zeros((120, 160, 3), np.uint8)
+    img[40:70, 60:100] = 255
+    cfg = make_config("tiny", blur_prob=0.0, color_jitter=0.0)
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        view, target = train.augmented_view(Image.fromarray(img), np.array([80.0, 55.0, 40.0, 30.0]), cfg, rng, 128, 4.0)
+        ys, xs = np.nonzero(view[..., 0] > 127)
+        cx, cy, w, h = target * 128
+        assert abs(xs.min() - (cx - w / 2)) < 2.5 and abs(xs.max() + 1 - (cx + w / 2)) < 2.5
+        assert abs(ys.min() - (cy - h / 2)) < 2.5 and abs(ys.max() + 1 - (cy + h / 2)) < 2.5
+
+
+def test_bad_sequences_are_skipped_with_a_warning_naming_the_file(tmp_path):
+    root = str(tmp_path)
+    write_sequence(os.path.join(root, "good"))
+    open(os.path.join(root, "good", "groundtruth.txt"), "w").write("30,20,20,16\n")
+    write_sequence(os.path.join(root, "outside"))                            # first box outside the image
+    open(os.path.join(root, "outside", "groundtruth.txt"), "w").write("500,20,20,16\n")
+    write_sequence(os.path.join(root, "broken"))                             # unreadable first frame
+    open(os.path.join(root, "broken", "00000001.jpg"), "wb").write(b"not a jpeg")
+    open(os.path.join(root, "broken", "groundtruth.txt"), "w").write("30,20,20,16\n")
+    write_sequence(os.path.join(root, "grey_mixed"), mode="L")               # grey frames of two sizes
+    Image.fromarray(np.zeros((50, 70), np.uint8)).save(os.path.join(root, "grey_mixed", "00000003.jpg"))
+    open(os.path.join(root, "grey_mixed", "groundtruth.txt"), "w").write("30,20,20,16\n")
+    open(os.path.join(root, "bad.mp4"), "wb").write(b"\x00" * 100)            # a video PyAV cannot open
+    open(os.path.join(root, "bad.txt"), "w").write("1,1,5,5\n")
+    found, problems = train.find_sequences(root, make_config("tiny"))
+    assert sorted(s.name for s in found) == ["good", "grey_mixed"]
+    text = "\n".join(problems)
+    assert "outside" in text and "groundtruth.txt" in text and "500" in text
+    assert os.path.join("broken", "00000001.jpg") in text and "bad.mp4" in text
+    grey = next(s for s in found if s.name == "grey_mixed")
+    for seed in range(3):
+        template, frames, views, targets = train.make_sample(grey, make_config("tiny"), np.random.default_rng(seed))
+        assert frames.shape == (3, 3, 256, 256)
+
+
+def test_unreadable_frame_during_training_drops_the_sequence_and_training_goes_on(tmp_path):
+    for name in ("a", "b"):
+        write_sequence(os.path.join(tmp_path, name))
+        open(os.path.join(tmp_path, name, "groundtruth.txt"), "w").write("30,20,20,16\n")
+    for t in range(2, 7):                                    # every later frame of "b" is garbage
+        open(os.path.join(tmp_path, "b", f"{t:08d}.jpg"), "wb").write(b"garbage")
+    found, _ = train.find_sequences(str(tmp_path), make_config("tiny"))
+    data = train.CycleData(found, make_config("tiny"), 16, seed=0)
+    with pytest.warns(UserWarning, match=r"b.*00000\d\d\d\.jpg"):
+        samples = [data[i] for i in range(16)]
+    assert len(samples) == 16 and data.bad == {1}
+
+
+def test_empty_or_unusable_data_folder_exits_with_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert train.main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no usable sequence" in err and "empty" in err
+    assert train.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    forward = pntrack.SelfSupervised.forward
+    calls = []
+
+    def nan_in_epoch_two(self, *a, **k):
+        loss, terms = forward(self, *a, **k)
+        calls.append(1)
+        return (loss * float("nan"), terms) if len(calls) > 2 else (loss, terms)
+    monkeypatch.setattr(pntrack.SelfSupervised, "forward", nan_in_epoch_two)
+    out = tmp_path / "out"
+    code = train.main(["--epochs", "3", "--samples-per-epoch", "4", "--batch-size", "2", "--eval-clips", "0",
+                       "--out", str(out)])
+    assert code == 1
+    assert "not finite" in (out / "train.log").read_text()
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+    pntrack.load_checkpoint(str(out / "pntrack.pt"))
+
+
+def test_resume_after_an_interrupted_run_continues_from_the_saved_epoch(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = ["--epochs", "3", "--samples-per-epoch", "4", "--batch-size", "2", "--eval-clips", "0", "--out", str(out)]
+    forward = pntrack.SelfSupervised.forward
+    calls = []
+
+    def killed_in_epoch_two(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:                    # first step of epoch 2
+            raise KeyboardInterrupt
+        return forward(self, *a, **k)
+    monkeypatch.setattr(pntrack.SelfSupervised, "forward", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    monkeypatch.setattr(pntrack.SelfSupervised, "forward", forward)
+    log_before = (out / "train.log").read_text()
+    assert train.main(args + ["--resume"]) == 0
+    new_lines = (out / "train.log").read_text()[len(log_before):]
+    assert "resuming" in new_lines and "epoch 1 done" in new_lines
+    assert "epoch 2/3" in new_lines and "epoch 3/3" in new_lines and "epoch 1/3" not in new_lines
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
+    # the resumed weights are the saved ones, not a fresh initialisation
+    assert not torch.equal(state["model"]["net.pos_x"], pntrack.SelfSupervised(make_config("tiny")).state_dict()["net.pos_x"])
+
+
+def test_loss_goes_down_over_30_steps_on_generated_data():
+    torch.manual_seed(0)
+    cfg = make_config("tiny")
+    model = pntrack.SelfSupervised(cfg)
+    optimizer = train.make_optimizer(model, cfg)
+    data = train.CycleData(train.GeneratedSequences(0), cfg, 30 * 4, seed=0)
+    losses = []
+    for step in range(30):
+        batch = torch.utils.data.default_collate([data[step * 4 + i] for i in range(4)])
+        loss, terms = model(*batch, mode="prompt")
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+    print(f"loss: first 5 steps {np.mean(losses[:5]):.2f}, last 10 steps {np.mean(losses[-10:]):.2f}")
+    # the score head starts at a low prior, so the first loss is already moderate: ask for a clear drop
+    assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:5])
+
+
+def test_two_process_gloo_ddp_run_completes(tmp_path):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--device", "cpu",
+           "--epochs", "1", "--samples-per-epoch", "8", "--batch-size", "2", "--eval-clips", "0",
+           "--log-every", "1", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = (out / "train.log").read_text()
+    assert "2 process(es)" in log and "step 2/2" in log      # 8 samples / 2 processes / batch 2 = 2 steps
+    pntrack.load_checkpoint(str(out / "pntrack.pt"))
+
+
+# --- track.py: metrics, the tracking loop, the command line ----------------------------------------------
+SEQUENCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "sequences")
+LINE = re.compile(r"^-?\d+\.\d\d,-?\d+\.\d\d,-?\d+\.\d\d,-?\d+\.\d\d$")   # one x,y,w,h result line
+
+
+def box_rows(*rows):
+    return np.array(rows, dtype=float)
+
+
+def test_perfect_track_scores_auc_20_of_21_and_full_precision_and_ao():
+    gt = box_rows([10, 10, 40, 30], [12, 11, 40, 30], [15, 13, 42, 31])
+    s = track.evaluate(gt.copy(), gt)
+    # IoU = 1 passes every threshold but the last (strict IoU > 1.0): 20 of 21, as in the got10k toolkit
+    assert s["auc"] == pytest.approx(20 / 21)
+    assert s["precision"] == 1.0 and s["norm_precision"] == 1.0
+    assert s["ao"] == pytest.approx(1.0) and s["sr50"] == 1.0 and s["sr75"] == 1.0
+    assert s["frames"] == 3
+
+
+def test_disjoint_boxes_score_zero():
+    gt = box_rows([0, 0, 10, 10], [20, 0, 10, 10], [40, 0, 10, 10])
+    pred = gt + [25, 0, 0, 0]                                # 15 px apart, centres 25 px apart
+    s = track.evaluate(pred, gt)
+    assert s["auc"] == 0.0 and s["ao"] == 0.0 and s["precision"] == 0.0 and s["sr50"] == 0.0
+
+
+def test_shift_by_half_the_width_gives_iou_one_third_and_auc_7_of_21():
+    # overlap = w/2 * h, union = 1.5 w h -> IoU = 1/3; thresholds 0, 0.05, ..., 0.30 (7 of 21) are below it
+    gt = box_rows([10, 10, 40, 20], [50, 30, 40, 20], [90, 50, 40, 20])
+    pred = gt + [20, 0, 0, 0]
+    assert np.allclose(track.rect_iou(pred, gt), 1 / 3)
+    s = track.evaluate(pred, gt)
+    assert s["auc"] == pytest.approx(7 / 21)
+    assert s["ao"] == pytest.approx(1 / 3) and s["sr50"] == 0.0 and s["sr75"] == 0.0
+    # the centres are 20 px apart: on the 20 px precision threshold, which counts
+    assert s["precision"] == 1.0
+
+
+def test_centre_error_of_exactly_20px_counts_and_20_5px_does_not():
+    gt = box_rows([100, 100, 30, 30], [100, 100, 30, 30])
+    assert track.evaluate(gt + [0, 0, 0, 0], gt)["precision"] == 1.0
+    assert track.evaluate(gt + [[0, 0, 0, 0], [12, 16, 0, 0]], gt)["precision"] == 1.0   # 3-4-5: 20 px
+    assert track.evaluate(gt + [[0, 0, 0, 0], [20.5, 0, 0, 0]], gt)["precision"] == 0.5
+    # normalised precision: error in units of the GT size, threshold 0.2 -> 6 px on a 30 px box counts
+    assert track.evaluate(gt + [[0, 0, 0, 0], [6, 0, 0, 0]], gt)["norm_precision"] == 1.0
+    assert track.evaluate(gt + [[0, 0, 0, 0], [6.5, 0, 0, 0]], gt)["norm_precision"] == 0.5
+
+
+def test_frames_with_nan_or_zero_size_ground_truth_are_skipped():
+    gt = box_rows([10, 10, 20, 20], [np.nan] * 4, [30, 30, 0, 20], [12, 12, 20, 20])
+    pred = box_rows([10, 10, 20, 20], [500, 500, 5, 5], [500, 500, 5, 5], [12, 12, 20, 20])
+    s = track.evaluate(pred, gt)       # only frames 0 and 3 count, and both are perfect
+    assert s["frames"] == 2
+    assert s["auc"] == pytest.approx(20 / 21) and s["precision"] == 1.0 and s["ao"] == pytest.approx(1.0)
+
+
+def test_got10k_ao_leaves_out_the_first_frame():
+    gt = box_rows([0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10])
+    pred = box_rows([0, 0, 10, 10], [50, 50, 10, 10], [50, 50, 10, 10])   # only the given first frame is right
+    s = track.evaluate(pred, gt)
+    assert s["ao"] == 0.0 and s["sr50"] == 0.0                         # OTB's AUC does count the first frame:
+    assert s["auc"] == pytest.approx((20 / 21) / 3)
+
+
+# --- the tracking loop ------------------------------------------------------------------------------------
+
+class ScriptedTracker:
+    """Stands in for pntrack.Tracker: returns boxes from a script and records what it was given."""
+    def __init__(self, outputs):
+        self.outputs, self.seen, self.model_seconds = list(outputs), [], 0.0
+
+    def init(self, image, box):
+        self.seen.append(("init", image))
+
+    def update(self, image):
+        self.seen.append(("update", image))
+        self.model_seconds += 0.001
+        return np.array(self.outputs.pop(0), float)
+
+
+def test_run_tracker_repeats_the_last_box_for_an_undecodable_frame_and_leaves_on_frame_out_of_the_time():
+    tracker = ScriptedTracker([[1, 1, 5, 5], [3, 3, 5, 5]])
+    calls = []
+
+    def slow_callback(i, image, box):
+        calls.append((i, image, tuple(box)))
+        time.sleep(0.05)
+
+    out, total, model = track.run_tracker(tracker, ["a", "b", None, "d"], (0, 0, 5, 5), slow_callback)
+    assert np.allclose(out, [[0, 0, 5, 5], [1, 1, 5, 5], [1, 1, 5, 5], [3, 3, 5, 5]])
+    assert tracker.seen == [("init", "a"), ("update", "b"), ("update", "d")]     # None never reaches it
+    assert [c[0] for c in calls] == [0, 1, 2, 3] and calls[2][1] is None
+    assert total < 0.1 and model == pytest.approx(0.002)                          # 4 x 0.05 s not counted
+
+
+def test_model_fps_counts_only_the_frames_the_network_saw():
+    tracker = ScriptedTracker([[1, 1, 5, 5], [2, 2, 5, 5], [3, 3, 5, 5]])
+    seq = dict(name="s", frames=iter(["a", "b", None, "d", "e"]), n=5, gt=None, box=(0, 0, 5, 5), fps=30)
+    boxes_, total, model, seen = track.track_sequence(tracker, seq, "s")
+    assert len(boxes_) == 5 and seen == 3                    # not the first (init) nor the undecodable one
+    tracker.device, tracker.cfg = torch.device("cpu"), pntrack.make_config("tiny")
+    n = torch.get_num_threads()
+    assert track.speed_line(12, 2.0, 0.5, 10, tracker) == \
+        f"speed: 20.0 FPS model, 6.0 FPS end to end (cpu, {n} thread{'s' * (n > 1)}, tiny, 12 frames)"
+
+
+# --- the command line: inputs built in the tests ----------------------------------------------------------
+
+CLIP_N, CLIP_W, CLIP_H, CLIP_SIDE = 12, 160, 120, 30        # frames, frame size, square side (px)
+
+
+def block_texture(h, w, seed, cell=8):
+    """Blocky random colours, uint8 (h, w, 3): something for the tracker to look at."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // cell + 1, w // cell + 1, 3), dtype=np.uint8)
+    return np.repeat(np.repeat(small, cell, 0), cell, 1)[:h, :w]
+
+
+def make_clip(w=CLIP_W, h=CLIP_H, n=CLIP_N):
+    """n frames (h, w, 3) of a bright textured square moving 3 px right and 2 px down per frame + its boxes."""
+    background, square = block_texture(h, w, 0) // 2, 128 + block_texture(CLIP_SIDE, CLIP_SIDE, 1, cell=5) // 2
+    frames, gt = [], []
+    for i in range(n):
+        x, y = 20 + 3 * i, 30 + 2 * i
+        frame = background.copy()
+        frame[y:y + CLIP_SIDE, x:x + CLIP_SIDE] = square
+        frames.append(frame)
+        gt.append([x, y, CLIP_SIDE, CLIP_SIDE])
+    return frames, np.array(gt, float)
+
+
+def write_mp4(path, frames):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode(None))
+    return str(path)
+
+
+def write_folder(folder, frames, gt=None, sub="img"):
+    os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(os.path.join(folder, sub, f"{i + 1:04d}.jpg"), quality=95)
+    if gt is not None:
+        np.savetxt(os.path.join(folder, "groundtruth.txt"), gt, fmt="%g", delimiter=",")
+    return str(folder)
+
+
+def write_gif(path, frames):
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
+    return str(path)
+
+
+def count_frames(path):
+    """Frames in a saved .mp4 (decoded with PyAV) or .gif (Pillow)."""
+    if str(path).endswith(".gif"):
+        with Image.open(path) as gif:
+            return gif.n_frames
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def read_result(path):
+    """A result file -> (N, 4) array, after checking every line is exactly `x,y,w,h` with 2 decimals."""
+    lines = open(path).read().splitlines()
+    assert all(LINE.match(line) for line in lines), lines[:3]
+    return np.array([[float(v) for v in line.split(",")] for line in lines])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """An untrained tiny network saved as train.py saves it."""
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+    pntrack.save_checkpoint(path, pntrack.PNTrack(pntrack.make_config("tiny")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return make_clip()
+
+
+def run(capsys, *argv):
+    """track.main(argv) -> (exit code, stdout, stderr)."""
+    code = track.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def printed_scores(text):
+    """The six scores of a `NAME: AUC 61.2  Prec@20 ...` line, in percent."""
+    line = next(line for line in text.splitlines() if "AUC" in line)
+    return [float(re.search(rf"{re.escape(n)} (\d+\.\d)", line).group(1)) for n in track.SCORE_NAMES]
+
+
+@pytest.mark.parametrize("kind", ["mp4", "folder", "gif"])
+def test_each_input_kind_gives_one_box_line_per_frame_starting_with_the_given_box(kind, ckpt, clip, tmp_path, capsys):
+    frames, gt = clip
+    source = {"mp4": lambda: write_mp4(tmp_path / "clip.mp4", frames),
+              "folder": lambda: write_folder(tmp_path / "frames", frames, sub=""),
+              "gif": lambda: write_gif(tmp_path / "clip.gif", frames)}[kind]()
+    code, out, err = run(capsys, source, "--box", "20,30,30,30", "--out", tmp_path / "res.txt",
+                         "--ckpt", ckpt, "--device", "cpu")
+    assert code == 0, err
+    result = read_result(tmp_path / "res.txt")
+    assert result.shape == (CLIP_N, 4) and np.array_equal(result[0], [20, 30, 30, 30])
+    assert "AUC" not in out                                  # no ground truth here: nothing scored
+    speed = re.search(r"speed: (\d+\.\d) FPS model, (\d+\.\d) FPS end to end "
+                      r"\(cpu, \d+ threads?, tiny, (\d+) frames\)", out)
+    assert speed and int(speed.group(3)) == CLIP_N and float(speed.group(1)) > 0
+
+
+def test_frames_option_stops_after_n_frames(ckpt, clip, tmp_path, capsys):
+    source = write_mp4(tmp_path / "clip.mp4", clip[0])
+    code, out, err = run(capsys, source, "--box", "20,30,30,30", "--frames", 5, "--out", tmp_path / "r.txt",
+                         "--ckpt", ckpt, "--device", "cpu")
+    assert code == 0, err
+    assert len(read_result(tmp_path / "r.txt")) == 5 and "tiny, 5 frames)" in out
+
+
+def test_sequence_folder_starts_from_its_first_gt_line_and_prints_the_scores_of_the_result_file(
+        ckpt, clip, tmp_path, capsys):
+    frames, gt = clip
+    gt[0] = [19.5, 30.25, 30, 30.5]                          # a first box no default could guess
+    seq = write_folder(tmp_path / "seq1", frames, gt)
+    code, out, err = run(capsys, seq, "--out", tmp_path / "r.txt", "--ckpt", ckpt, "--device", "cpu")
+    assert code == 0, err
+    result = read_result(tmp_path / "r.txt")
+    assert len(result) == CLIP_N and np.array_equal(result[0], gt[0])
+    s = track.evaluate(result, track.read_boxes(os.path.join(seq, "groundtruth.txt")))
+    expected = [100 * s[k] for k in track.SCORES]
+    assert np.allclose(printed_scores(out), expected, atol=0.05 + 1e-9)
+    assert f"({CLIP_N} frames with ground truth)" in out
+
+
+def test_one_line_ground_truth_is_a_first_box_only_and_is_not_scored(ckpt, clip, tmp_path, capsys):
+    frames, gt = clip                                         # GOT-10k's test split ships only the first box
+    seq = write_folder(tmp_path / "seq", frames, gt[:1])
+    code, out, err = run(capsys, seq, "--out", tmp_path / "r.txt", "--ckpt", ckpt, "--device", "cpu")
+    assert code == 0, err
+    result = read_result(tmp_path / "r.txt")
+    assert len(result) == CLIP_N and np.array_equal(result[0], gt[0]) and "AUC" not in out
+
+
+def test_dataset_root_writes_a_file_per_sequence_a_table_with_the_mean_and_a_plot(ckpt, clip, tmp_path, capsys):
+    frames, gt = clip
+    root = tmp_path / "dataset"
+    write_folder(root / "b_reversed", frames[::-1][:8], gt[::-1][:8])     # sorted by name: a_... first
+    write_folder(root / "a_forward", frames, gt)
+    os.makedirs(root / "notes")                                          # not a sequence: ignored
+    code, out, err = run(capsys, root, "--out", tmp_path / "res", "--plot", tmp_path / "curves.png",
+                         "--ckpt", ckpt, "--device", "cpu")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "res")) == ["a_forward.txt", "b_reversed.txt"]
+    scores = []
+    for name, g in (("a_forward", gt), ("b_reversed", gt[::-1][:8])):
+        result = read_result(tmp_path / "res" / f"{name}.txt")
+        assert len(result) == len(g) and np.array_equal(result[0], g[0])
+        scores.append(track.evaluate(result, g))
+    rows = [line.split() for line in out.splitlines() if line.startswith(("a_forward", "b_reversed", "mean"))]
+    assert [r[0] for r in rows] == ["a_forward", "b_reversed", "mean"]
+    for row, s in zip(rows, scores):                                      # per sequence: frames, 6 scores, FPS
+        assert int(row[1]) == s["frames"]
+        assert np.allclose([float(v) for v in row[2:8]], [100 * s[k] for k in track.SCORES], atol=0.05 + 1e-9)
+    mean_auc = 100 * np.mean([s["auc"] for s in scores])                  # mean of per-sequence scores
+    assert rows[2][1:3] == ["(2", "sequences)"] and float(rows[2][4]) == pytest.approx(mean_auc, abs=0.05 + 1e-9)
+    with Image.open(tmp_path / "curves.png") as plot:
+        pixels = np.asarray(plot.convert("RGB")).reshape(-1, 3).astype(int)
+    red = (pixels[:, 0] > 180) & (pixels[:, 1] < 80) & (pixels[:, 2] < 80)
+    assert plot.size == (880, 360) and red.sum() > 200                    # both curves were drawn
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_saved_video_has_one_frame_per_box(suffix, ckpt, clip, tmp_path, capsys):
+    source = write_mp4(tmp_path / "clip.mp4", clip[0])
+    out_file = tmp_path / "out" / f"tracked{suffix}"                      # the folder is created
+    code, out, err = run(capsys, source, "--box", "20,30,30,30", "--save", out_file, "--ckpt", ckpt, "--device", "cpu")
+    assert code == 0, err
+    assert count_frames(out_file) == CLIP_N
+
+
+def test_saved_mp4_pads_odd_frame_sizes_to_even(ckpt, tmp_path, capsys):
+    frames, gt = make_clip(w=161, h=121, n=4)                             # H.264 4:2:0 needs even sizes
+    seq = write_folder(tmp_path / "odd", frames, gt)
+    code, out, err = run(capsys, seq, "--save", tmp_path / "odd.mp4", "--ckpt", ckpt, "--device", "cpu")
+    assert code == 0, err
+    with av.open(str(tmp_path / "odd.mp4")) as container:
+        first = next(container.decode(video=0))
+        assert (first.width, first.height) == (162, 122)
+        # the saved picture is the frame with the box drawn in red (the square itself has green >= 128)
+        image = np.asarray(first.to_image()).astype(int)
+    red = image[int(gt[0, 1]) + 10, int(gt[0, 0])]                    # on the box's left edge
+    assert red[0] > 150 and red[1] < 100 and red[2] < 100
+
+
+def test_unreadable_frame_mid_folder_warns_and_repeats_the_last_box(ckpt, clip, tmp_path, capsys):
+    frames, gt = clip
+    seq = write_folder(tmp_path / "seq", frames, gt)
+    broken = os.path.join(seq, "img", "0007.jpg")
+    with open(broken, "wb") as f:
+        f.write(b"\xff\xd8 this is not a jpeg" * 10)
+    code, out, err = run(capsys, seq, "--out", tmp_path / "r.txt", "--ckpt", ckpt, "--device", "cpu")
+    assert code == 0, err
+    assert broken in err and "warning" in err
+    result = read_result(tmp_path / "r.txt")
+    assert len(result) == CLIP_N and np.array_equal(result[6], result[5])
+    assert f"({CLIP_N} frames with ground truth)" in out                       # still scored, over every frame
+
+
+def test_undecodable_packet_mid_video_warns_and_keeps_one_box_per_frame(ckpt, clip, tmp_path, capsys):
+    source = write_mp4(tmp_path / "clip.mp4", clip[0])
+    with av.open(source) as container:                                   # where the 6th packet's bytes are
+        packets = [(p.pos, p.size) for p in container.demux(video=0) if p.size]
+    pos, size = packets[5]
+    data = bytearray((tmp_path / "clip.mp4").read_bytes())
+    data[pos + 4:pos + size] = b"\xff" * (size - 4)                      # keep the length field, break the rest
+    (tmp_path / "broken.mp4").write_bytes(bytes(data))
+    code, out, err = run(capsys, tmp_path / "broken.mp4", "--box", "20,30,30,30", "--out", tmp_path / "r.txt",
+                         "--ckpt", ckpt, "--device", "cpu")
+    assert code == 0, err
+    warning = re.search(rf"warning: {re.escape(str(tmp_path / 'broken.mp4'))}: frame (\d+) failed to decode", err)
+    assert warning, err
+    result, k = read_result(tmp_path / "r.txt"), int(warning.group(1))  # k: 1-based, as the lines of r.txt
+    assert len(result) == CLIP_N and 2 <= k <= CLIP_N and np.array_equal(result[k - 1], result[k - 2])
+
+
+def bad_inputs(tmp, clip, ckpt):
+    """(name, argv, text the one error line must contain) for each kind of bad input."""
+    frames, gt = clip
+    good = write_folder(tmp / "good", frames)
+    (tmp / "empty").mkdir()
+    (tmp / "broken.mp4").write_bytes(b"definitely not a video " * 50)
+    seqs = {}
+    for name, lines in [("columns", ["1,2,3,4"] * 2 + ["1,2,3"] + ["1,2,3,4"] * (CLIP_N - 3)),
+                        ("fewer", ["20,30,30,30"] * 5), ("more", ["20,30,30,30"] * (CLIP_N + 1))]:
+        seqs[name] = write_folder(tmp / name, frames)
+        (tmp / name / "groundtruth.txt").write_text("\n".join(lines) + "\n")
+    (tmp / "junk.pt").write_bytes(b"not a checkpoint")
+    box = ["--box", "20,30,30,30"]
+    return [
+        ("missing path", [tmp / "nope.mp4"] + box, str(tmp / "nope.mp4")),
+        ("folder without images", [tmp / "empty"] + box, str(tmp / "empty")),
+        ("corrupt video", [tmp / "broken.mp4"] + box, str(tmp / "broken.mp4")),
+        ("box with 3 numbers", [good, "--box", "1,2,3"], "--box"),
+        ("box not numbers", [good, "--box", "a,b,c,d"], "--box"),
+        ("box of zero size", [good, "--box", "20,30,0,30"], f"{good}: box (20.0, 30.0, 0.0, 30.0) has zero"),
+        ("box outside the frame", [good, "--box", "500,30,30,30"], f"{good}: box (500.0, 30.0, 30.0, 30.0) lies"),
+        ("gt column count", [seqs["columns"]], os.path.join(seqs["columns"], "groundtruth.txt") + ":3"),
+        ("gt fewer lines", [seqs["fewer"]], os.path.join(seqs["fewer"], "groundtruth.txt") + f": 5 boxes for {CLIP_N}"),
+        ("gt more lines", [seqs["more"]], os.path.join(seqs["more"], "groundtruth.txt") + f": {CLIP_N + 1} boxes for {CLIP_N}"),
+        ("box for a dataset root", [tmp] + box, "--box"),
+        ("missing checkpoint", [good] + box + ["--ckpt", tmp / "none.pt"], f"{tmp / 'none.pt'}: no such checkpoint"),
+        ("not a checkpoint", [good] + box + ["--ckpt", tmp / "junk.pt"], f"{tmp / 'junk.pt'}: not a pntrack"),
+    ]
+
+
+def test_bad_input_returns_2_with_one_line_naming_the_file_or_argument(ckpt, clip, tmp_path, capsys):
+    for name, argv, expected in bad_inputs(tmp_path, clip, ckpt):
+        if "--ckpt" not in argv:
+            argv = argv + ["--ckpt", ckpt]
+        code, out, err = run(capsys, *argv, "--device", "cpu")
+        lines = err.strip().splitlines()
+        assert code == 2, (name, err)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (name, err)
+
+
+def test_missing_default_checkpoint_says_how_to_train_one(clip, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)                                          # no out/pntrack.pt here
+    good = write_folder(tmp_path / "good", clip[0])
+    code, out, err = run(capsys, good, "--box", "20,30,30,30")
+    assert code == 2 and err.count("\n") == 1
+    assert "out/pntrack.pt: no such checkpoint" in err and "python train.py" in err
+
+
+def test_help_exits_0_and_shows_the_typical_commands(capsys):
+    code, out, err = run(capsys, "--help")
+    assert code == 0 and "examples:" in out and "python track.py video.mp4 --box" in out
+    assert out.startswith("usage: track.py ") and "helps on a GPU only" in " ".join(out.split())
+
+
+def test_real_sequence_runs_end_to_end_with_scores(ckpt, tmp_path, capsys):
+    seq = os.path.join(SEQUENCES, "otb_Dudek_first20")
+    if not os.path.isdir(seq):
+        pytest.skip("../shared/data/sequences is not here")
+    code, out, err = run(capsys, seq, "--out", tmp_path / "dudek.txt", "--ckpt", ckpt, "--device", "cpu")
+    assert code == 0, err
+    result = read_result(tmp_path / "dudek.txt")
+    gt = track.read_boxes(os.path.join(seq, "groundtruth.txt"))
+    assert len(result) == 20 and np.allclose(result[0], gt[0])
+    s = track.evaluate(result, gt)
+    assert np.allclose(printed_scores(out), [100 * s[k] for k in track.SCORES], atol=0.05 + 1e-9)
+    assert "otb_Dudek_first20: AUC" in out and "tiny, 20 frames)" in out

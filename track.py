@@ -1,0 +1,643 @@
+"""track.py: run PNTrack on a video, a GIF, a frame folder, a benchmark sequence or a whole dataset.
+
+    python track.py video.mp4 --box x,y,w,h --out boxes.txt --save tracked.mp4
+    python track.py ../shared/data/sequences/otb_Girl          # box and ground truth from groundtruth.txt
+    python track.py ../shared/data/sequences --out results/    # every sequence: a score table and the mean
+
+Inputs are streamed frame by frame (PyAV for videos, Pillow for GIFs and image files), so a long video is
+never held in memory. Result files have one `x,y,w,h` line per frame, the given box first: the format of
+OTB / GOT-10k / LaSOT results. Whenever ground truth is present the run is scored with the benchmark
+metrics below, and every run ends with its speed (model alone, and end to end).
+
+This file also holds what train.py reuses: box-file parsing, frame listing, the benchmark metrics
+(identical to the got10k toolkit's OTB / GOT-10k definitions) and the tracking loop.
+"""
+import argparse
+import itertools
+import os
+import re
+import sys
+import tempfile
+import time
+from fractions import Fraction
+
+import av
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import pntrack
+
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VIDEO_EXT = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+GT_FILES = ("groundtruth.txt", "groundtruth_rect.txt")
+DEFAULT_CKPT = os.path.join("out", "pntrack.pt")     # what `python train.py` writes
+PROGRESS_EVERY = 100                                 # frames between progress lines on stderr
+
+
+class BadInput(ValueError):
+    """A problem with what the user gave (a file, an argument): main prints its one line and exits with 2."""
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def make_parent(path):
+    """Create the folder `path` will be written into; returns that folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# Box files and frame folders
+
+def parse_box(text, where):
+    """One line of a box file -> (x, y, w, h) float array.
+
+    Comma, tab or space separated (OTB uses all three); 4 numbers (x, y, w, h) or 8 (a VOT polygon,
+    replaced by its axis-aligned bounding box). `where` ("file.txt:3") names the line in errors.
+    """
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"{where}: expected numbers, found {text.strip()[:60]!r}") from None
+    if len(values) == 8:
+        xs, ys = values[0::2], values[1::2]
+        return np.array([min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)])
+    if len(values) != 4:
+        raise ValueError(f"{where}: expected 4 numbers (x,y,w,h) or 8 (polygon), found {len(values)}")
+    return np.array(values)
+
+
+def read_boxes(path):
+    """All boxes of a ground-truth file -> (N, 4) (x, y, w, h); 'nan' entries (LaSOT, absent target) kept."""
+    with open(path) as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: empty box file")
+    return np.stack([parse_box(line, f"{path}:{i}") for i, line in lines])
+
+
+def write_boxes(path, boxes):
+    """(N, 4) (x, y, w, h) -> one `x,y,w,h` line per frame (%.2f), the OTB / GOT-10k / LaSOT result format.
+
+    Written to a temporary file, then renamed: a run killed mid-write never leaves a half file behind.
+    """
+    fd, tmp = tempfile.mkstemp(dir=make_parent(path), prefix=".tmp-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.writelines("%.2f,%.2f,%.2f,%.2f\n" % tuple(b) for b in boxes)
+        os.chmod(tmp, 0o644)                       # mkstemp makes it private; results are for sharing
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def list_frames(folder):
+    """Sorted image files of a sequence: directly in `folder`, else in its img/ or color/ subfolder."""
+    for sub in ("", "img", "color"):
+        d = os.path.join(folder, sub)
+        if os.path.isdir(d):
+            frames = sorted(os.path.join(d, f) for f in os.listdir(d) if f.lower().endswith(IMAGE_EXT))
+            if frames:
+                return frames
+    return []
+
+
+def find_box_file(folder, names=GT_FILES):
+    """The first of `names` present in `folder`, or None."""
+    for name in names:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def list_sequences(root):
+    """Sequence folders (frames + a ground-truth file) directly below `root`, sorted by name."""
+    subs = [os.path.join(root, d) for d in sorted(os.listdir(root))]
+    return [d for d in subs if os.path.isdir(d) and find_box_file(d) and list_frames(d)]
+
+
+# -----------------------------------------------------------------------------
+# Reading frames. Each reader is a generator of RGB PIL images, one per frame, decoded only when asked for.
+# A frame that fails to decode comes out as None (with a warning): the tracker repeats its last box there.
+
+def image_frames(files):
+    """Image files, in order."""
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:    # what Pillow raises for broken files
+            warn(f"{path}: unreadable image ({e}); repeating the last box")
+            image = None
+        yield image
+
+
+def open_video(path):
+    """PyAV container and its first video stream; BadInput if FFmpeg cannot read the file."""
+    try:
+        container = av.open(path)
+    except av.FFmpegError as e:
+        raise BadInput(f"{path}: cannot open as a video ({e.strerror or e})") from None
+    if not container.streams.video:
+        container.close()
+        raise BadInput(f"{path}: has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"                        # let FFmpeg decode with several threads
+    return container, stream
+
+
+def video_frames(container, stream, path):
+    """Decode a video packet by packet, so a broken packet costs one frame, not the rest of the video."""
+    n = 0
+    with container:
+        try:
+            for packet in container.demux(stream):     # ends with an empty packet that flushes the decoder
+                try:
+                    images = [frame.to_image() for frame in packet.decode()]
+                except av.FFmpegError as e:
+                    warn(f"{path}: frame {n + 1} failed to decode ({e.strerror or e}); repeating the last box")
+                    images = [None]
+                for image in images:
+                    n += 1
+                    yield image
+        except av.FFmpegError as e:                    # the container itself is broken from here on
+            warn(f"{path}: unreadable after frame {n} ({e.strerror or e}); stopping there")
+
+
+def gif_frames(gif, path):
+    """Frames of an animated GIF, decoded one at a time with Pillow's seek."""
+    with gif:
+        for i in range(getattr(gif, "n_frames", 1)):   # a still image has no n_frames: one frame
+            try:
+                gif.seek(i)
+                image = gif.convert("RGB")
+            except (OSError, EOFError, ValueError) as e:
+                warn(f"{path}: frame {i + 1} failed to decode ({e}); repeating the last box")
+                image = None
+            yield image
+
+
+# -----------------------------------------------------------------------------
+# Metrics, as in the got10k toolkit (got10k/utils/metrics.py, experiments/otb.py and got10k.py).
+# Boxes are (x, y, w, h). Frames whose ground truth is missing (NaN) or has zero size are skipped.
+
+def rect_iou(a, b):
+    """Per-row IoU of (N, 4) (x, y, w, h) boxes."""
+    x1, y1 = np.maximum(a[:, 0], b[:, 0]), np.maximum(a[:, 1], b[:, 1])
+    x2 = np.minimum(a[:, 0] + a[:, 2], b[:, 0] + b[:, 2])
+    y2 = np.minimum(a[:, 1] + a[:, 3], b[:, 1] + b[:, 3])
+    inter = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    union = a[:, 2] * a[:, 3] + b[:, 2] * b[:, 3] - inter
+    return np.clip(inter / (union + np.finfo(float).eps), 0.0, 1.0)
+
+
+def center_error(a, b, normalize=False):
+    """Distance between box centres in pixels, or (LaSOT's normalised precision) in units of the GT size."""
+    d = (a[:, :2] + a[:, 2:] / 2) - (b[:, :2] + b[:, 2:] / 2)
+    if normalize:
+        d = d / np.maximum(b[:, 2:], 1.0)
+    return np.sqrt((d ** 2).sum(1))
+
+
+IOU_THRESHOLDS = np.linspace(0, 1, 21)     # OTB success plot: 21 thresholds 0, 0.05, ..., 1
+PIXEL_THRESHOLDS = np.arange(0, 51)        # OTB precision plot: 0..50 px
+NORM_THRESHOLDS = np.linspace(0, 0.5, 51)  # LaSOT normalised precision plot
+
+
+def evaluate(pred, gt):
+    """Benchmark scores of one sequence's (N, 4) predictions against (N, 4) ground truth.
+
+    auc: OTB success AUC = mean over 21 thresholds t of the share of frames with IoU > t (strict, as in
+         got10k and the OTB toolkit, so even a perfect track scores 20/21 = 0.952);
+    precision: share of frames with centre error <= 20 px; norm_precision: normalised error <= 0.2 (LaSOT);
+    ao, sr50, sr75: GOT-10k's mean IoU and shares of IoU > 0.5 / 0.75, without the given first frame.
+    """
+    pred, gt = np.asarray(pred, float), np.asarray(gt, float)
+    if len(pred) != len(gt):
+        raise ValueError(f"{len(pred)} predicted boxes for {len(gt)} ground-truth boxes")
+    valid = np.isfinite(gt).all(1) & (gt[:, 2] > 0) & (gt[:, 3] > 0)
+    ious = rect_iou(pred[valid], gt[valid])
+    errors = center_error(pred[valid], gt[valid])
+    norm_errors = center_error(pred[valid], gt[valid], normalize=True)
+    success_curve = (ious[:, None] > IOU_THRESHOLDS[None]).mean(0)
+    precision_curve = (errors[:, None] <= PIXEL_THRESHOLDS[None]).mean(0)
+    norm_curve = (norm_errors[:, None] <= NORM_THRESHOLDS[None]).mean(0)
+    later = ious[1:] if valid[0] else ious            # GOT-10k leaves out the first (given) frame
+    return dict(auc=success_curve.mean(), precision=precision_curve[20], norm_precision=norm_curve[20],
+                ao=later.mean(), sr50=(later > 0.5).mean(), sr75=(later > 0.75).mean(),
+                success_curve=success_curve, precision_curve=precision_curve, frames=int(valid.sum()))
+
+
+SCORES = ("auc", "precision", "norm_precision", "ao", "sr50", "sr75")
+SCORE_NAMES = ("AUC", "Prec@20", "NPrec", "AO", "SR0.5", "SR0.75")    # the benchmarks' column names
+
+
+def format_scores(s):
+    """One line of scores in percent, e.g. `AUC 61.2  Prec@20 80.5  ...  (140 frames with ground truth)`."""
+    text = "  ".join(f"{name} {100 * s[key]:.1f}" for key, name in zip(SCORES, SCORE_NAMES))
+    return f"{text}  ({s['frames']} frames with ground truth)"
+
+
+# -----------------------------------------------------------------------------
+# The tracking loop
+
+def run_tracker(tracker, frames, box, on_frame=None):
+    """Track through an iterable of images from `box` (x, y, w, h) in the first.
+
+    A frame may be None (it could not be decoded): its box is the previous one and the network skips it.
+    `on_frame(i, image, box)`, if given, sees every frame and its box (to draw, save, report progress);
+    its time is left out of the total, which counts decoding, cropping, the network and box decoding.
+    Returns (boxes (N, 4) with the given box first, seconds in total, seconds in the network).
+    """
+    start, outside = time.perf_counter(), 0.0          # outside: seconds spent in on_frame
+    tracker.model_seconds = 0.0
+    box = tuple(float(v) for v in box)                 # plain floats, so error messages read (x, y, w, h)
+    boxes = []
+    for i, image in enumerate(frames):
+        if i == 0:
+            if image is None:
+                raise BadInput("the first frame could not be decoded")
+            try:
+                tracker.init(image, box)
+            except ValueError as e:                    # zero-size box, or a box outside the image
+                raise BadInput(str(e)) from None
+            boxes.append(np.array(box))
+        else:
+            boxes.append(boxes[-1] if image is None else np.asarray(tracker.update(image), float))
+        if on_frame is not None:
+            t = time.perf_counter()
+            on_frame(i, image, boxes[-1])
+            outside += time.perf_counter() - t
+    if not boxes:
+        raise BadInput("no frames to track")
+    return np.stack(boxes), time.perf_counter() - start - outside, tracker.model_seconds
+
+
+# -----------------------------------------------------------------------------
+# Pictures: frames with boxes drawn (.mp4 or .gif), and the success / precision plots
+
+def draw_boxes(image, box, gt=None):
+    """Draw the prediction (red) and, where known, the ground truth (green) on `image`, in place."""
+    draw = ImageDraw.Draw(image)
+    width = max(2, image.width // 200)                 # lines stay visible on large frames
+    if gt is not None and np.isfinite(gt).all():
+        x, y, w, h = gt
+        draw.rectangle([x, y, x + w, y + h], outline=(0, 220, 0), width=max(1, width // 2))
+    x, y, w, h = box
+    draw.rectangle([x, y, x + w, y + h], outline=(255, 40, 40), width=width)
+
+
+class Saver:
+    """Writes frames to .mp4 (PyAV, H.264, streamed to disk) or .gif (Pillow, held in memory until `close`).
+
+    Every frame gets one picture: a frame that failed to decode repeats the previous picture. Note that
+    Pillow merges identical consecutive frames of a GIF into one longer frame.
+    """
+    def __init__(self, path, fps):
+        self.path, self.fps = path, fps
+        self.gif = path.lower().endswith(".gif")
+        make_parent(path)
+        self.frames, self.last, self.container = [], None, None
+
+    def add(self, image):
+        image = self.last if image is None else image
+        self.last = image
+        if self.gif:
+            self.frames.append(image)
+            return
+        if self.container is None:                     # size is known at the first frame
+            self.container = av.open(self.path, "w")
+            self.stream = self.container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
+            # H.264 with 4:2:0 colour needs even width and height: pad by one black pixel where odd
+            self.stream.width, self.stream.height = image.width + image.width % 2, image.height + image.height % 2
+            self.stream.pix_fmt = "yuv420p"
+        canvas = Image.new("RGB", (self.stream.width, self.stream.height))
+        canvas.paste(image)                            # also fits frames of a different size (cropped / padded)
+        self.container.mux(self.stream.encode(av.VideoFrame.from_image(canvas)))
+
+    def close(self):
+        if self.gif and self.frames:
+            self.frames[0].save(self.path, save_all=True, append_images=self.frames[1:],
+                                duration=round(1000 / self.fps), loop=0)
+        if self.container is not None:
+            self.container.mux(self.stream.encode(None))   # flush the frames the encoder still holds
+            self.container.close()
+
+
+def plot_curves(path, success, precision, label="PNTrack"):
+    """OTB success and precision plots side by side in one image, drawn with Pillow (no matplotlib).
+
+    success: (21,) share of frames with IoU > t, t = 0, 0.05, ..., 1 (AUC = its mean);
+    precision: (51,) share of frames with centre error <= t px, t = 0, ..., 50 (the score is t = 20).
+    """
+    W, H, m = 440, 360, 52                             # one panel's size and its left/bottom margin, px
+    image = Image.new("RGB", (2 * W, H), "white")
+    draw = ImageDraw.Draw(image)
+    panels = [(IOU_THRESHOLDS, success, 1.0, "Success plot", "overlap threshold", f"AUC {100 * success.mean():.1f}"),
+              (PIXEL_THRESHOLDS, precision, 50.0, "Precision plot", "location error threshold (px)",
+               f"20 px {100 * precision[20]:.1f}")]
+    for k, (xs, ys, x_max, title, x_label, score) in enumerate(panels):
+        left, top, right, bottom = k * W + m, 30, (k + 1) * W - 16, H - m   # plot area, image px
+
+        def at(x, y):                                  # data (x, y) -> image px; y is a share in [0, 1]
+            return left + (right - left) * x / x_max, bottom - (bottom - top) * y
+
+        draw.rectangle([left, top, right, bottom], outline="black")
+        for i in range(6):                             # 6 ticks per axis, labelled
+            (tx, _), (_, ty) = at(x_max * i / 5, 0), at(0, i / 5)
+            draw.line([tx, bottom, tx, bottom + 4], fill="black")
+            draw.text((tx, bottom + 6), f"{x_max * i / 5:g}", fill="black", anchor="ma")
+            draw.line([left - 4, ty, left, ty], fill="black")
+            draw.text((left - 6, ty), f"{i / 5:g}", fill="black", anchor="rm")
+        draw.text(((left + right) / 2, 8), title, fill="black", anchor="ma")
+        draw.text(((left + right) / 2, H - 22), x_label, fill="black", anchor="ma")
+        draw.line([at(x, y) for x, y in zip(xs, ys)], fill=(220, 30, 30), width=2)
+        # legend in the corner the curve leaves free: bottom left for success, bottom right for precision
+        lx = left + 10 if k == 0 else right - 190
+        draw.line([lx, bottom - 18, lx + 24, bottom - 18], fill=(220, 30, 30), width=2)
+        draw.text((lx + 30, bottom - 18), f"{label} [{score}]", fill="black", anchor="lm")
+    make_parent(path)
+    image.save(path)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv):
+    """The CLI. Flags are names of what they set; no flag changes the method (that is train.py's config)."""
+    p = argparse.ArgumentParser(
+        prog="track.py",
+        description="Track one object with PNTrack through a video, a GIF, a frame folder, a benchmark\n"
+                    "sequence (frames + groundtruth.txt) or a dataset root (many sequences); score the\n"
+                    "result when ground truth is there, and report the speed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python track.py video.mp4 --box 120,80,60,90 --out boxes.txt --save tracked.mp4\n"
+               "  python track.py ../shared/data/sequences/otb_Girl     # first box + scores from groundtruth.txt\n"
+               "  python track.py ../shared/data/sequences --out results/ --plot curves.png\n"
+               "  python track.py clip.gif --box 10,10,40,40 --config tiny --frames 50   # untrained smoke run")
+    p.add_argument("input", help="video (.mp4 .avi .mov .mkv ...), animated .gif, folder of frames, sequence "
+                                 "folder (frames in it or in img/ or color/, plus groundtruth.txt or "
+                                 "groundtruth_rect.txt), or a dataset root holding sequence folders")
+    p.add_argument("--box", help="x,y,w,h of the target in the first frame, pixels, (x, y) = top-left corner; "
+                                 "default for a sequence folder: its first ground-truth line")
+    p.add_argument("--out", help="result file, one x,y,w,h line per frame (the given box first); "
+                                 "for a dataset root a folder: OUT/<sequence>.txt")
+    p.add_argument("--save", help="write the frames with the box drawn to FILE.mp4 or FILE.gif")
+    p.add_argument("--plot", help="draw the success and precision plots into FILE.png (needs ground truth)")
+    p.add_argument("--ckpt", help=f"checkpoint written by train.py (default: {DEFAULT_CKPT})")
+    p.add_argument("--config", choices=list(pntrack.PRESETS),
+                   help="use an UNTRAINED network of this preset instead of a checkpoint (smoke runs, speed)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (torch.set_num_threads); when other jobs "
+                                               "share the CPU use fewer than the free cores (oversubscribed, it "
+                                               "runs many times slower)")
+    p.add_argument("--compile", action="store_true",
+                   help="wrap the network in torch.compile: helps on a GPU only, and the first frames take "
+                        "a while (compilation), so it pays off on long videos")
+    p.add_argument("--frames", type=int, help="stop after this many frames (quick looks, benchmarks)")
+    return p.parse_args(argv)
+
+
+def load_network(args):
+    """The network from --ckpt, or an untrained --config preset; BadInput names a missing or bad checkpoint."""
+    if args.config:
+        if args.ckpt:
+            raise BadInput("--ckpt and --config: give one (--config means an untrained network)")
+        warn(f"--config {args.config}: the network is UNTRAINED (random weights); boxes are meaningless")
+        return pntrack.PNTrack(pntrack.make_config(args.config))
+    path = args.ckpt or DEFAULT_CKPT
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: no such checkpoint; train one with `python train.py` (writes {DEFAULT_CKPT} "
+                       f"in ~10 min on a CPU), or pass --ckpt PATH")
+    try:
+        return pntrack.load_checkpoint(path)
+    except ValueError as e:                            # its message names the file: not a checkpoint
+        raise BadInput(str(e)) from None
+
+
+def open_sequence(path, box_text, limit):
+    """One input -> dict(name, frames (generator of images), n (frames, or None if unknown), gt, box, fps).
+
+    gt: (N, 4) ground truth or None; box: the first box (--box, else the first ground-truth line).
+    """
+    name = os.path.basename(os.path.abspath(path))
+    gt = None
+    if os.path.isdir(path):
+        files = list_frames(path)
+        gt_file = find_box_file(path)
+        if gt_file:
+            # read and checked before any tracking, so a bad file fails at once, not after a long run
+            try:
+                gt = read_boxes(gt_file)
+            except ValueError as e:                    # names file:line and what is wrong with it
+                raise BadInput(str(e)) from None
+            # one line is a first box only (GOT-10k's test split): nothing to score against
+            if len(gt) != len(files) and len(gt) > 1:
+                fewer = "fewer" if len(gt) < len(files) else "more"
+                raise BadInput(f"{gt_file}: {len(gt)} boxes for {len(files)} frames ({fewer} boxes than frames)")
+        files = files[:limit]
+        frames, n, fps = image_frames(files), len(files), 30
+    elif path.lower().endswith(".gif"):
+        try:
+            gif = Image.open(path)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadInput(f"{path}: cannot open as a GIF ({e})") from None
+        name = os.path.splitext(name)[0]
+        n, ms = getattr(gif, "n_frames", 1), max(gif.info.get("duration") or 100, 10)   # ms per frame
+        # (browsers also treat GIF delays under 10 ms as 100 ms; we only keep the rate sane for --save)
+        frames, fps = gif_frames(gif, path), 1000 / ms
+    elif path.lower().endswith(IMAGE_EXT):
+        raise BadInput(f"{path}: a single image; give a video, a GIF or a folder of frames")
+    else:                                              # anything else: whatever FFmpeg can read
+        container, stream = open_video(path)
+        name = os.path.splitext(name)[0]
+        frames, n, fps = video_frames(container, stream, path), stream.frames or None, stream.average_rate or 30
+    if limit and n:
+        n = min(n, limit)
+    if box_text:
+        try:
+            box = parse_box(box_text, f"--box {box_text}")
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+    elif gt is not None:
+        box = gt[0]
+    else:
+        raise BadInput(f"--box x,y,w,h is needed for {path} (it has no groundtruth.txt to start from)")
+    if gt is not None:
+        gt = gt[:limit] if len(gt) > 1 else None
+    return dict(name=name, frames=itertools.islice(frames, limit), n=n, gt=gt, box=box, fps=fps)
+
+
+def track_sequence(tracker, seq, path, save=None):
+    """Run the tracker over one opened sequence, with progress on stderr and frames saved if asked.
+
+    Returns (boxes (N, 4), seconds in total, seconds in the network, frames the network saw).
+    """
+    saver = Saver(save, seq["fps"]) if save else None
+    start, seen = time.perf_counter(), 0               # seen: frames given to the network (not the first)
+
+    def on_frame(i, image, box):
+        nonlocal seen
+        seen += i > 0 and image is not None
+        if saver:
+            if image is not None:
+                draw_boxes(image, box, seq["gt"][i] if seq["gt"] is not None else None)
+            saver.add(image)
+        if (i + 1) % PROGRESS_EVERY == 0:
+            of = f"/{seq['n']}" if seq["n"] else ""
+            print(f"  {seq['name']}: frame {i + 1}{of}, {(i + 1) / (time.perf_counter() - start):.1f} FPS",
+                  file=sys.stderr)
+
+    try:
+        boxes, total, model = run_tracker(tracker, seq["frames"], seq["box"], on_frame)
+    except BadInput as e:
+        raise BadInput(f"{path}: {e}") from None
+    finally:
+        if saver:
+            saver.close()
+    return boxes, total, model, seen
+
+
+def speed_line(frames, total, model, seen, tracker):
+    """`speed: 123.4 FPS model, 80.1 FPS end to end (cpu, 2 threads, tiny, 140 frames)`.
+
+    Model FPS counts the frames the network saw (not the first, which only makes the template).
+    """
+    dev = tracker.device
+    n = torch.get_num_threads()
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {n} thread{'s' * (n > 1)}"
+    fps_model = f"{seen / model:.1f}" if model > 0 else "n/a"
+    return (f"speed: {fps_model} FPS model, {frames / total:.1f} FPS end to end "
+            f"({where}, {tracker.cfg.name}, {frames} frames)")
+
+
+def check_args(args):
+    """Argument checks argparse cannot express; BadInput names the argument."""
+    if args.frames is not None and args.frames < 1:
+        raise BadInput(f"--frames {args.frames}: must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise BadInput(f"--threads {args.threads}: must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: no CUDA GPU is available here (use --device cpu)")
+    if args.save and not args.save.lower().endswith((".mp4", ".gif")):
+        raise BadInput(f"--save {args.save}: give a file name ending in .mp4 or .gif")
+    if args.plot and os.path.splitext(args.plot)[1].lower() not in Image.registered_extensions():
+        raise BadInput(f"--plot {args.plot}: give an image file name such as curves.png")
+    if not os.path.exists(args.input):
+        raise BadInput(f"{args.input}: no such file or folder")
+    # a folder is a sequence if it holds frames (itself, img/ or color/), else a dataset root if it holds sequences
+    if os.path.isdir(args.input) and not list_frames(args.input) and not list_sequences(args.input):
+        raise BadInput(f"{args.input}: no images in this folder (nor in img/ or color/), "
+                       f"and no sequence folders (frames + groundtruth.txt) below it")
+
+
+def make_tracker(args):
+    """Device, threads, network and Tracker, chosen once here; prints the parameter count as a sanity number."""
+    device = pntrack.pick_device(args.device)
+    if args.threads:                                   # torch's default: one per core
+        torch.set_num_threads(args.threads)
+    tracker = pntrack.Tracker(load_network(args), device=device)
+    n_params = sum(p.numel() for p in tracker.net.parameters())
+    print(f"network: {tracker.cfg.name}, {n_params / 1e6:.1f}M parameters, on {device}")
+    if args.compile:                                   # compiled at the first update: shapes never change after
+        tracker.net = torch.compile(tracker.net)
+    return tracker
+
+
+def track_one(args):
+    """A video, GIF, frame folder or sequence folder: track, write, score, report the speed."""
+    if args.out and os.path.isdir(args.out):
+        raise BadInput(f"--out {args.out}: is a folder; give a file name (a folder is for dataset roots)")
+    seq = open_sequence(args.input, args.box, args.frames)
+    if args.plot and seq["gt"] is None:
+        raise BadInput(f"--plot: {args.input} has no ground truth to plot against")
+    tracker = make_tracker(args)
+    boxes, total, model, seen = track_sequence(tracker, seq, args.input, args.save)
+    if args.out:
+        write_boxes(args.out, boxes)
+        print(f"wrote {args.out} ({len(boxes)} boxes)")
+    if args.save:
+        print(f"wrote {args.save} ({len(boxes)} frames)")
+    if seq["gt"] is not None:
+        scores = evaluate(np.round(boxes, 2), seq["gt"][:len(boxes)])    # rounded: the scores of the file
+        print(f"{seq['name']}: {format_scores(scores)}")
+        if args.plot:
+            plot_curves(args.plot, scores["success_curve"], scores["precision_curve"])
+            print(f"wrote {args.plot}")
+    print(speed_line(len(boxes), total, model, seen, tracker))
+
+
+def track_dataset(args):
+    """Every sequence folder below a dataset root, each from its own first box: a score table and the mean."""
+    if args.box:
+        raise BadInput(f"--box: not used for a dataset root ({args.input}); each sequence starts from "
+                       f"its own first ground-truth box")
+    if args.save:
+        raise BadInput(f"--save: not supported for a dataset root ({args.input}); run on one sequence folder")
+    if args.out and os.path.isfile(args.out):
+        raise BadInput(f"--out {args.out}: is a file; a dataset root needs a folder (OUT/<sequence>.txt)")
+    folders = list_sequences(args.input)
+    # every GT file is read and checked before the first sequence is tracked; frames are read lazily
+    seqs = [open_sequence(f, None, args.frames) for f in folders]
+    tracker = make_tracker(args)
+    width = max([len(s["name"]) for s in seqs] + [20])
+    print(f"{'sequence':<{width}} {'frames':>6} " + " ".join(f"{n:>7}" for n in SCORE_NAMES) + f" {'FPS':>7}")
+    # one row per sequence as it finishes (the table is also the progress report), then the mean;
+    # frames and seconds are summed over the sequences for the speed line
+    rows, n_frames, n_seen, total, model = [], 0, 0, 0.0, 0.0
+    for folder, seq in zip(folders, seqs):
+        boxes, t, m, seen = track_sequence(tracker, seq, folder)
+        n_frames, n_seen, total, model = n_frames + len(boxes), n_seen + seen, total + t, model + m
+        if args.out:
+            write_boxes(os.path.join(args.out, seq["name"] + ".txt"), boxes)
+        if seq["gt"] is None:                          # a first box only: tracked, not scored
+            print(f"{seq['name']:<{width}} {len(boxes):>6}  (no ground truth beyond the first box)")
+            continue
+        s = evaluate(np.round(boxes, 2), seq["gt"][:len(boxes)])
+        rows.append(s)
+        print(f"{seq['name']:<{width}} {len(boxes):>6} " + " ".join(f"{100 * s[k]:7.1f}" for k in SCORES)
+              + f" {len(boxes) / t:7.1f}", flush=True)
+    if rows:                                           # the mean of per-sequence scores, as the benchmarks do
+        mean = {k: np.mean([r[k] for r in rows], 0) for k in SCORES + ("success_curve", "precision_curve")}
+        print(f"{f'mean ({len(rows)} sequences)':<{width}} {n_frames:>6} "
+              + " ".join(f"{100 * mean[k]:7.1f}" for k in SCORES) + f" {n_frames / total:7.1f}")
+        if args.plot:
+            plot_curves(args.plot, mean["success_curve"], mean["precision_curve"])
+            print(f"wrote {args.plot}")
+    elif args.plot:
+        warn(f"--plot {args.plot}: no sequence has ground truth beyond its first box; nothing to plot")
+    if args.out:
+        print(f"wrote {len(seqs)} result files to {args.out}")
+    print(speed_line(n_frames, total, model, n_seen, tracker))
+
+
+def main(argv=None):
+    """Command-line entry point; returns the exit code: 0 done, 2 bad input (one line on stderr)."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:                            # --help (0) or an argparse usage error (2)
+        return e.code
+    try:
+        check_args(args)
+        if os.path.isdir(args.input) and not list_frames(args.input):
+            track_dataset(args)
+        else:
+            track_one(args)
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                               # a file we could not read or write
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

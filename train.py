@@ -1,0 +1,665 @@
+"""train.py: self-supervised training of PNTrack from videos whose only label is the first-frame box.
+
+    python train.py                                   # tiny model, generated videos, ~10 min on a 2-core CPU
+    python train.py --data ~/datasets/GOT-10k/train --config pntrack-256 --pretrained dropmae.pth
+    torchrun --nproc_per_node=2 train.py --data ...   # DistributedDataParallel (NCCL on GPU, gloo on CPU)
+
+Writes OUT/pntrack.pt (weights + config, what track.py loads) and OUT/last.pt (optimizer, epoch, RNG: for
+--resume), both atomically after every epoch. The method is in pntrack.py (SSTrack cycle consistency + PNTrack
+DCA); this file is data, the loop and the evaluation. Data layouts: see `find_sequences`.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+
+import pntrack
+import track
+
+# -----------------------------------------------------------------------------
+# Generated videos: the zero-setup default data. Textured objects move, scale and rotate over a textured,
+# panning background, with distractors and a passing occluder. Any frame t renders directly from the clip's
+# seed (trajectories are smooth closed-form functions of t), so samples never decode a whole video.
+
+
+def texture(rng, w, h, vivid, scale=1):
+    """A random colour texture (h, w, 3) uint8: stripes, checks or blobs over a random palette.
+
+    `scale` > 1 draws it that much smaller and upscales it (backgrounds: smooth anyway, and the costliest
+    part of making a sample otherwise).
+    """
+    if scale > 1:
+        small = texture(rng, w // scale, h // scale, vivid)
+        return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+    palette = rng.integers(0, 256, (3, 3)).astype(np.float32)
+    if vivid:      # targets and distractors: saturated colours; backgrounds stay duller
+        palette = np.clip((palette - palette.mean(1, keepdims=True)) * 1.8 + 128, 0, 255)
+    else:          # backgrounds: greyer and lower in contrast than the objects
+        palette = palette * 0.4 + 70
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    kind = rng.integers(3)
+    freq = rng.uniform(0.08, 0.35) if vivid else rng.uniform(0.04, 0.24)
+    if kind == 0:                                     # stripes at a random angle
+        a = rng.uniform(0, np.pi)
+        t = np.sin((xx * np.cos(a) + yy * np.sin(a)) * freq * 2) * 0.5 + 0.5
+    elif kind == 1:                                   # checks
+        t = ((np.floor(xx * freq / 2) + np.floor(yy * freq / 2)) % 2).astype(np.float32)
+    else:                                             # smooth blobs
+        small = rng.random((max(2, int(h * freq / 3)), max(2, int(w * freq / 3))))
+        t = np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)) / np.float32(255)
+    t2 = rng.random((h, w), dtype=np.float32) * 0.25   # fine grain so flat areas still have texture
+    img = palette[0] * (1 - t)[..., None] + palette[1] * t[..., None] + (palette[2] - 128) * t2[..., None]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+class Sprite:
+    """One moving object: a textured shape with a smooth trajectory, scale and rotation over time."""
+    def __init__(self, rng, W, H, n_frames, size_range):
+        self.base = rng.uniform(*size_range) * min(W, H)             # px, side of a square of equal area
+        aspect = math.exp(rng.uniform(-0.6, 0.6))
+        w, h = int(self.base * math.sqrt(aspect)) + 2, int(self.base / math.sqrt(aspect)) + 2
+        rgb = texture(rng, w, h, vivid=True)
+        mask = Image.new("L", (w, h), 0)
+        shape = rng.integers(3)
+        if shape == 0:
+            ImageDraw.Draw(mask).ellipse((0, 0, w - 1, h - 1), fill=255)
+        elif shape == 1:
+            ImageDraw.Draw(mask).rectangle((0, 0, w - 1, h - 1), fill=255)
+        else:                                          # a random convex-ish polygon
+            ang = np.sort(rng.uniform(0, 2 * np.pi, 7))
+            pts = [(w / 2 + w / 2 * math.cos(a), h / 2 + h / 2 * math.sin(a)) for a in ang]
+            ImageDraw.Draw(mask).polygon(pts, fill=255)
+        self.image = Image.fromarray(rgb).convert("RGBA")
+        self.image.putalpha(mask)
+        # trajectory: start point + drift + two sinusoids, folded back into the frame (a "bounce")
+        self.W, self.H = W, H
+        self.p0 = rng.uniform(0.2, 0.8, 2) * (W, H)
+        speed = rng.uniform(0.3, 1.6) * self.base / 20                # px per frame
+        a = rng.uniform(0, 2 * np.pi)
+        self.drift = speed * np.array([math.cos(a), math.sin(a)])
+        self.amp = rng.uniform(0, 0.15, 2) * (W, H)
+        self.omega = rng.uniform(0.02, 0.08, 2)
+        self.phase = rng.uniform(0, 2 * np.pi, 2)
+        self.scale_amp, self.scale_omega = rng.uniform(0, 0.35), rng.uniform(0.01, 0.05)
+        self.spin = rng.uniform(-1.0, 1.0) if rng.random() < 0.5 else 0.0   # degrees per frame
+
+    def centre(self, t):
+        p = self.p0 + self.drift * t + self.amp * np.sin(self.omega * t + self.phase)
+        lo, span = np.array([0.1, 0.1]) * (self.W, self.H), np.array([0.8, 0.8]) * (self.W, self.H)
+        q = np.mod(p - lo, 2 * span)                   # fold into [lo, lo + span] like a bouncing ball
+        return lo + np.where(q > span, 2 * span - q, q)
+
+    def render(self, t):
+        """RGBA image of the sprite at frame t and its top-left paste position."""
+        s = math.exp(self.scale_amp * math.sin(self.scale_omega * t))
+        im = self.image.resize((max(4, int(self.image.width * s)), max(4, int(self.image.height * s))), Image.BILINEAR)
+        if self.spin:
+            im = im.rotate(self.spin * t, resample=Image.BILINEAR, expand=True)
+        c = self.centre(t)
+        return im, (int(round(c[0] - im.width / 2)), int(round(c[1] - im.height / 2)))
+
+
+class GeneratedVideo:
+    """A procedurally generated clip; deterministic by seed. frame(t) -> RGB PIL image; box(t) -> (x, y, w, h)."""
+    def __init__(self, seed, n_frames=100, size=(320, 240)):
+        rng = np.random.default_rng(seed)
+        self.name, self.n = f"generated-{seed}", n_frames
+        self.W, self.H = W, H = size
+        self.background = texture(rng, int(W * 1.5), int(H * 1.5), vivid=False, scale=2)
+        clutter = Image.fromarray(self.background)
+        draw = ImageDraw.Draw(clutter)
+        for _ in range(rng.integers(3, 9)):           # background clutter: dull rectangles and ellipses
+            x, y = rng.integers(0, clutter.width), rng.integers(0, clutter.height)
+            r = rng.integers(8, 40, 2)
+            colour = tuple(int(v) for v in rng.integers(40, 200, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x, y, x + r[0], y + r[1]), fill=colour)
+        self.background = np.asarray(clutter)
+        self.pan = rng.uniform(-0.6, 0.6, 2)          # camera pan, px per frame
+        self.target = Sprite(rng, W, H, n_frames, (0.15, 0.3))
+        self.distractors = [Sprite(rng, W, H, n_frames, (0.06, 0.2)) for _ in range(rng.integers(1, 4))]
+        self.occluder = None
+        if rng.random() < 0.5:                        # a bar crossing the scene: partial occlusion
+            self.occluder = (texture(rng, int(rng.uniform(0.06, 0.12) * W), H, vivid=False),
+                             rng.uniform(-0.2, 1.0) * W, rng.uniform(-3, 3))
+
+    def __len__(self):
+        return self.n
+
+    def frame(self, t):
+        bw, bh = self.background.shape[1] - self.W, self.background.shape[0] - self.H
+        ox = int(np.mod(self.pan[0] * t + bw / 2, 2 * bw))
+        oy = int(np.mod(self.pan[1] * t + bh / 2, 2 * bh))
+        ox, oy = (2 * bw - ox if ox > bw else ox), (2 * bh - oy if oy > bh else oy)
+        img = Image.fromarray(self.background[oy:oy + self.H, ox:ox + self.W])
+        for s in self.distractors[: len(self.distractors) // 2]:     # some distractors pass behind the target
+            im, pos = s.render(t)
+            img.paste(im, pos, im)
+        im, pos = self.target.render(t)
+        img.paste(im, pos, im)
+        for s in self.distractors[len(self.distractors) // 2:]:       # and some in front of it
+            im, pos = s.render(t)
+            img.paste(im, pos, im)
+        if self.occluder is not None:
+            bar, x0, v = self.occluder
+            img.paste(Image.fromarray(bar), (int(x0 + v * t), 0))
+        return img
+
+    def box(self, t):
+        """Ground truth (x, y, w, h): the target's visible-or-not extent (its alpha mask's bounding box)."""
+        im, (x, y) = self.target.render(t)
+        x1, y1, x2, y2 = im.getchannel("A").getbbox()
+        return np.array([x + x1, y + y1, x2 - x1, y2 - y1], float)
+
+    @property
+    def first_box(self):
+        return pntrack.xywh_to_cxcywh(self.box(0))
+
+
+# -----------------------------------------------------------------------------
+# Real data. A sequence is a folder of frames with a box file, a video with a sidecar box file, or a still
+# image with a sidecar box file. Whatever the layout, training reads ONE label: the first box.
+
+BOX_FILES = ("groundtruth.txt", "groundtruth_rect.txt", "init.txt")   # GOT-10k/LaSOT/VOT, OTB, ours
+
+
+def read_first_box(path):
+    """The only function that reads a label: the first non-empty line of a box file -> (cx, cy, w, h).
+
+    Later lines are never read (training uses the first-frame box only, Init.BBox supervision).
+    """
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                return pntrack.xywh_to_cxcywh(track.parse_box(line, f"{path}:{i}"))
+    raise ValueError(f"{path}: no box in the file")
+
+
+class FrameSequence:
+    """Frames in a folder (or in its img/ or color/), first box from a box file."""
+    def __init__(self, name, frames, box_file):
+        self.name, self.frames, self.first_box = name, frames, read_first_box(box_file)
+
+    def __len__(self):
+        return len(self.frames)
+
+    def frame(self, i):
+        try:
+            with Image.open(self.frames[i]) as im:
+                return im.convert("RGB")
+        except Exception as e:
+            raise ValueError(f"{self.frames[i]}: unreadable frame ({type(e).__name__})") from None
+
+
+class VideoSequence:
+    """A video file (PyAV) with a sidecar `<name>.txt` holding the first box.
+
+    Samples only use frames 0..max_gap, so the first visit decodes those once, keeps frame 0 at full size
+    and the rest shrunk to the letterbox size, and an LRU cache keeps a few videos' frames.
+    """
+    cache = OrderedDict()
+    cache_size = 4
+
+    def __init__(self, path, box_file, max_frames, frame_size):
+        import av
+        self.name, self.path, self.first_box = os.path.basename(path), path, read_first_box(box_file)
+        self.max_frames, self.frame_size = max_frames, frame_size
+        try:
+            with av.open(path) as c:
+                n = c.streams.video[0].frames
+        except Exception as e:
+            raise ValueError(f"{path}: PyAV cannot open the video ({type(e).__name__}: {str(e)[:80]})") from None
+        self.n = min(n, max_frames) if n > 0 else max_frames        # refined once decoded
+
+    def _frames(self):
+        import av
+        if self.path not in self.cache:
+            frames = []
+            with av.open(self.path) as c:
+                for i, f in enumerate(c.decode(video=0)):
+                    im = f.to_image()
+                    if i > 0:
+                        im.thumbnail((self.frame_size, self.frame_size))
+                    frames.append(im)
+                    if len(frames) >= self.max_frames:
+                        break
+            if not frames:
+                raise ValueError(f"{self.path}: no frame could be decoded")
+            self.cache[self.path] = frames
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(self.path)
+        return self.cache[self.path]
+
+    def __len__(self):
+        return self.n
+
+    def frame(self, i):
+        frames = self._frames()
+        self.n = len(frames)
+        return frames[min(i, len(frames) - 1)]
+
+
+class StillImage(FrameSequence):
+    """A single image with a sidecar box file: a one-frame sequence (its forward frames are augmented copies)."""
+
+
+def find_sequences(root, cfg):
+    """Every sequence below `root` -> (sequences, warnings). Layouts found by walking the tree:
+
+    - a folder with frames (directly or in img/ or color/) and groundtruth.txt / groundtruth_rect.txt /
+      init.txt: GOT-10k, LaSOT (class/name/img), OTB (name/img + groundtruth_rect.txt), VOT (color/),
+      UAV123 re-arranged as name/ + groundtruth.txt; boxes as x,y,w,h or 8-number VOT polygons;
+    - a video (.mp4 .avi .mov .mkv) with a sidecar <name>.txt;
+    - a still image with a sidecar <name>.txt.
+    A sequence whose first frame or box is unusable is skipped, with a warning naming the file.
+    """
+    if not os.path.isdir(root):
+        raise ValueError(f"--data {root}: not a folder")
+    found, problems = [], []
+
+    def add(make, where):
+        try:
+            seq = make()
+            im = seq.frame(0)
+            cx, cy, w, h = seq.first_box
+            if not (w > 0 and h > 0) or cx + w / 2 <= 0 or cy + h / 2 <= 0 or cx - w / 2 >= im.width or cy - h / 2 >= im.height:
+                raise ValueError(f"{where}: first box {tuple(np.round(pntrack.cxcywh_to_xywh(seq.first_box), 1))} "
+                                 f"is empty or outside the {im.width}x{im.height} first frame")
+            found.append(seq)
+        except (ValueError, OSError) as e:
+            problems.append(str(e))
+
+    for folder, subdirs, files in os.walk(root):
+        subdirs.sort()
+        box_file = next((os.path.join(folder, b) for b in BOX_FILES if b in files), None)
+        frames = track.list_frames(folder) if box_file else []
+        if box_file and frames:
+            add(lambda: FrameSequence(os.path.relpath(folder, root), frames, box_file), box_file)
+            subdirs[:] = [d for d in subdirs if d not in ("img", "color")]
+            continue
+        stems = {os.path.splitext(f)[0]: f for f in files if f.endswith(".txt")}
+        for f in sorted(files):
+            stem, ext = os.path.splitext(f)
+            if stem in stems and ext.lower() in track.VIDEO_EXT + track.IMAGE_EXT and f not in BOX_FILES:
+                path, sidecar = os.path.join(folder, f), os.path.join(folder, stems[stem])
+                if ext.lower() in track.VIDEO_EXT:
+                    add(lambda: VideoSequence(path, sidecar, cfg.max_gap + 1, cfg.frame_size), path)
+                else:
+                    add(lambda: StillImage(os.path.relpath(path, root), [path], sidecar), path)
+    return found, problems
+
+
+# -----------------------------------------------------------------------------
+# One training sample (DESIGN §2): the first frame's template, n_fwd later frames letterboxed to L x L, and
+# n_bwd augmented search views of the first frame with the first box mapped through the augmentation.
+
+def letterbox(image, L):
+    """Fit an image into L x L (aspect kept, antialiased), black padding right/bottom -> uint8 (L, L, 3)."""
+    s = L / max(image.size)
+    im = image.resize((max(1, round(image.width * s)), max(1, round(image.height * s))), Image.BILINEAR)
+    out = np.zeros((L, L, 3), np.uint8)
+    out[:im.height, :im.width] = np.asarray(im)
+    return out
+
+
+def augmented_view(image, box, cfg, rng, size, factor, jitter=True):
+    """A search crop of `image` around a jittered `box` (cx, cy, w, h), with shear, flip, blur and colour
+    jitter (SSTrack Table 8; OSTrack's centre/scale jitter). Returns (uint8 (size, size, 3), target box
+    (cx, cy, w, h) normalised to the view): the box moved exactly by the same affine map as the pixels.
+    """
+    w, h = box[2:]
+    if jitter:
+        wh = np.array([w, h]) * np.exp(rng.standard_normal(2) * cfg.scale_jitter)
+        centre = box[:2] + math.sqrt(wh.prod()) * cfg.center_jitter * (rng.random(2) - 0.5)
+    else:
+        wh, centre = np.array([w, h]), box[:2]
+    side = math.sqrt(wh.prod()) * factor
+    # output px p -> input px: centre + side/size * M (p - size/2), M = flip @ shear
+    shear = rng.uniform(-cfg.shear, cfg.shear, 2) if jitter else np.zeros(2)
+    M = np.array([[1.0, shear[0]], [shear[1], 1.0]])
+    if jitter and rng.random() < cfg.flip_prob:
+        M = M @ np.diag([-1.0, 1.0])
+    A = side / size * M
+    affine = np.concatenate([A, (centre - A @ [size / 2, size / 2])[:, None]], 1)   # (2, 3)
+    crop = Image.fromarray(pntrack.warp_image(image, affine, size))
+    if jitter and rng.random() < cfg.blur_prob:
+        crop = crop.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
+    if jitter and cfg.color_jitter > 0:
+        for op in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            crop = op(crop).enhance(1 + rng.uniform(-cfg.color_jitter, cfg.color_jitter))
+    # the target: the box corners through the inverse map, then their bounding box
+    corners = np.array([[box[0] + sx * w / 2, box[1] + sy * h / 2] for sx in (-1, 1) for sy in (-1, 1)])
+    inv = np.linalg.inv(A)
+    p = (corners - affine[:, 2]) @ inv.T                              # (4, 2) in view px
+    lo, hi = p.min(0), p.max(0)
+    target = np.concatenate([(lo + hi) / 2, hi - lo]) / size
+    return np.asarray(crop), target
+
+
+def make_sample(seq, cfg, rng):
+    """(template (3, Sz, Sz), frames (n_fwd, 3, L, L), views (n_bwd, 3, Sx, Sx), targets (n_bwd, 4)) uint8/float."""
+    f0, b0 = seq.frame(0), seq.first_box
+    template, _ = pntrack.crop_image(f0, b0, cfg.template_factor, cfg.template_size)
+    if len(seq) > 1:     # n_fwd later frames within max_gap, in time order
+        hi = min(len(seq) - 1, cfg.max_gap)
+        idx = np.sort(rng.choice(np.arange(1, hi + 1), cfg.n_fwd, replace=hi < cfg.n_fwd))
+        frames = [letterbox(seq.frame(int(i)), cfg.frame_size) for i in idx]
+    else:                # a still image: its forward "frames" are shifted and scaled copies of itself
+        frames = []
+        for _ in range(cfg.n_fwd):
+            s = math.exp(rng.uniform(-0.3, 0.3))
+            W, H = f0.size
+            shift = rng.uniform(-0.15, 0.15, 2) * (W, H)
+            affine = [[1 / s, 0, (W - W / s) / 2 + shift[0]], [0, 1 / s, (H - H / s) / 2 + shift[1]]]
+            frames.append(letterbox(f0.transform(f0.size, Image.AFFINE, sum(affine, []), Image.BILINEAR), cfg.frame_size))
+    views, targets = zip(*(augmented_view(f0, b0, cfg, rng, cfg.search_size, cfg.search_factor) for _ in range(cfg.n_bwd)))
+
+    def chw(a):
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.stack(a) if isinstance(a, (list, tuple)) else a, -1, -3)))
+    return chw(template), chw(frames), chw(views), torch.tensor(np.stack(targets), dtype=torch.float32)
+
+
+class CycleData(torch.utils.data.Dataset):
+    """`length` samples per epoch; sample i of epoch e comes from its own RNG seeded by (seed, e, i), so a
+    resumed run sees the same data. Sequences that fail to read are dropped with a warning."""
+    def __init__(self, sequences, cfg, length, seed):
+        self.sequences, self.cfg, self.length, self.seed, self.epoch = sequences, cfg, length, seed, 0
+        self.bad = set()
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        for _ in range(100):
+            k = int(rng.integers(len(self.sequences)))
+            if k in self.bad:
+                continue
+            try:
+                return make_sample(self.sequences[k], self.cfg, rng)
+            except (ValueError, OSError) as e:
+                warnings.warn(f"skipping sequence {self.sequences[k].name}: {e}")
+                self.bad.add(k)
+        raise RuntimeError("no readable sequence left in the training data")
+
+
+class GeneratedSequences:
+    """An endless list of generated clips: index -> GeneratedVideo(seed). Seeds below 10**9 train; the
+    held-out evaluation clips use seeds from 10**9 up, so training never sees them."""
+    def __init__(self, seed, n=10 ** 6):
+        self.seed, self.n = seed, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return GeneratedVideo((self.seed * 1_000_003 + i) % 10 ** 9)
+
+
+def held_out_clips(n, n_frames=60):
+    return [GeneratedVideo(10 ** 9 + i, n_frames) for i in range(n)]
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: the inference Tracker on held-out clips, success AUC next to a static-box baseline.
+
+def evaluate_tracker(net, clips, device):
+    """Mean success AUC over clips of the tracker and of the baseline that never moves the first box."""
+    tracker = pntrack.Tracker(net, device=device)
+    ours, static = [], []
+    for clip in clips:
+        gt = np.stack([clip.box(t) for t in range(len(clip))])
+        boxes, _, _ = track.run_tracker(tracker, (clip.frame(t) for t in range(len(clip))), gt[0])
+        ours.append(track.evaluate(boxes, gt)["auc"])
+        static.append(track.evaluate(np.repeat(gt[:1], len(gt), 0), gt)["auc"])
+    net.train()
+    return float(np.mean(ours)), float(np.mean(static)), ours, static
+
+
+class LabelledSequence:
+    """A --val sequence for evaluation (all its ground truth is read, unlike training data)."""
+    def __init__(self, folder, box_file):
+        self.name, self.frames, self.gt = os.path.basename(folder), track.list_frames(folder), track.read_boxes(box_file)
+        if len(self.gt) < len(self.frames):
+            raise ValueError(f"{box_file}: {len(self.gt)} boxes for {len(self.frames)} frames")
+
+    def __len__(self):
+        return len(self.frames)
+
+    def frame(self, t):
+        with Image.open(self.frames[t]) as im:
+            return im.convert("RGB")
+
+    def box(self, t):
+        return self.gt[t]
+
+
+def find_val_sequences(root):
+    out = []
+    for folder, subdirs, files in os.walk(root):
+        subdirs.sort()
+        box_file = track.find_box_file(folder)
+        if box_file and track.list_frames(folder):
+            out.append(LabelledSequence(folder, box_file))
+    if not out:
+        raise ValueError(f"--val {root}: no sequence folders (frames + groundtruth.txt) found")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Self-supervised training of PNTrack (first-frame box only).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    p.add_argument("--data", help="folder of sequences/videos (see find_sequences); default: generated videos")
+    p.add_argument("--val", help="folder of labelled sequences to evaluate on (default: held-out generated clips)")
+    p.add_argument("--config", default="tiny", choices=list(pntrack.PRESETS))
+    p.add_argument("--epochs", type=int, help="default: the preset's")
+    p.add_argument("--samples-per-epoch", type=int, help="default: the preset's")
+    p.add_argument("--batch-size", type=int, help="per process; default: the preset's")
+    p.add_argument("--lr", type=float, help="head/decoder learning rate; backbone uses lr * lr_backbone_mult")
+    p.add_argument("--out", default="out", help="folder for pntrack.pt, last.pt and train.log")
+    p.add_argument("--pretrained", help="MAE / DropMAE ViT-B checkpoint for the backbone")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, help="stop (and save) once this much time has passed")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (0: only at the end)")
+    p.add_argument("--eval-clips", type=int, default=16, help="held-out generated clips to evaluate on (0: none)")
+    p.add_argument("--workers", type=int, default=None, help="data loader processes (default: 0 on CPU, 4 on GPU)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
+    g = p.add_argument_group("DCA and cycle-consistency switches (the paper's ablations)")
+    g.add_argument("--no-dca", action="store_true", help="no context tokens at all (SSTrack)")
+    g.add_argument("--no-prompt", action="store_true", help="no prompt tokens in epochs <= K")
+    g.add_argument("--no-noise", action="store_true", help="no noise tokens/decoder in epochs > K")
+    g.add_argument("--prompt-source", choices=["attn*cls", "cls", "random_query"], help="how prompts are picked")
+    g.add_argument("--tokens", type=int, help="context token length Kt (paper: 8)")
+    g.add_argument("--dca-epoch", type=int, help="K: prompt mode up to this epoch, noise mode after")
+    g.add_argument("--dca-schedule", choices=["hard", "soft"], help="hard switch at K, or a linear ramp around it")
+    g.add_argument("--no-contrast", action="store_true", help="drop the instance contrastive loss")
+    g.add_argument("--grad-through-crop", action="store_true", help="let the backward loss reach forward boxes")
+    return p.parse_args(argv)
+
+
+def config_from_args(args):
+    over = dict(epochs=args.epochs, samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size,
+                lr=args.lr, prompt_source=args.prompt_source, n_tokens=args.tokens, dca_epoch=args.dca_epoch,
+                dca_schedule=args.dca_schedule)
+    over = {k: v for k, v in over.items() if v is not None}
+    for flag, field in (("no_dca", "dca"), ("no_prompt", "prompt"), ("no_noise", "noise"), ("no_contrast", "contrast")):
+        if getattr(args, flag):
+            over[field] = False
+    if args.grad_through_crop:
+        over["grad_through_crop"] = True
+    return pntrack.make_config(args.config, **over)
+
+
+def make_optimizer(model, cfg):
+    """AdamW; the backbone (everything in the network but its head) at lr * lr_backbone_mult (DESIGN §5)."""
+    backbone = [p for n, p in model.named_parameters() if n.startswith("net.") and not n.startswith("net.head.")]
+    ids = {id(p) for p in backbone}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return torch.optim.AdamW([{"params": backbone, "lr": cfg.lr * cfg.lr_backbone_mult, "lr_scale": cfg.lr_backbone_mult},
+                              {"params": rest, "lr": cfg.lr, "lr_scale": 1.0}], weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer, cfg, epoch):
+    """Step decay: lr / 10 after lr_drop_epoch (PNTrack/SSTrack: after epoch 120 of 150)."""
+    for g in optimizer.param_groups:
+        g["lr"] = cfg.lr * g["lr_scale"] * (0.1 if epoch > cfg.lr_drop_epoch else 1.0)
+
+
+def duration(seconds):
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = 0, 1
+    if distributed:
+        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    device = pntrack.pick_device(args.device)
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    main_process = rank == 0
+
+    def log(msg):
+        if main_process:
+            print(msg, flush=True)
+            with open(os.path.join(args.out, "train.log"), "a") as f:
+                f.write(msg + "\n")
+
+    try:
+        cfg = config_from_args(args)
+        os.makedirs(args.out, exist_ok=True)
+        if args.data:
+            sequences, problems = find_sequences(args.data, cfg)
+            for msg in problems:
+                print(f"warning: skipping {msg}", file=sys.stderr)
+            if not sequences:
+                raise ValueError(f"--data {args.data}: no usable sequence found (a folder of frames with "
+                                 f"groundtruth.txt / groundtruth_rect.txt / init.txt, or video/image + <name>.txt)")
+        else:
+            sequences = GeneratedSequences(args.seed)
+        val = find_val_sequences(args.val) if args.val else held_out_clips(args.eval_clips)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    torch.manual_seed(args.seed + rank)
+    model = pntrack.SelfSupervised(cfg).to(device)
+    if args.pretrained:
+        try:
+            missing, unexpected = pntrack.load_pretrained(model.net, args.pretrained)
+        except ValueError as e:
+            print(f"error: --pretrained {e}", file=sys.stderr)
+            return 2
+        log(f"pretrained {args.pretrained}: missing {len(missing)} keys (head: trained from scratch), "
+            f"unused {len(unexpected)} ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})")
+    optimizer = make_optimizer(model, cfg)
+    start_epoch = 1
+    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "pntrack.pt")
+    if args.resume:
+        if not os.path.exists(last_path):
+            print(f"error: --resume: {last_path} does not exist (no earlier run in --out {args.out})", file=sys.stderr)
+            return 2
+        state = torch.load(last_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+        log(f"resuming from {last_path}: epoch {state['epoch']} done")
+
+    n_params = sum(p.numel() for p in model.net.parameters())
+    log(f"config {cfg.name}: {n_params / 1e6:.1f}M parameters at inference, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M in training (DCA included); "
+        f"data: {args.data or 'generated videos'} ({len(sequences)} sequences); device {device}, {world} process(es)")
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
+
+    data = CycleData(sequences, cfg, cfg.samples_per_epoch, args.seed)
+    indices = list(range(rank, cfg.samples_per_epoch, world))     # each process its own share of the epoch
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=indices, num_workers=workers,
+                                         drop_last=True, persistent_workers=False)
+    steps = len(loader)
+    if steps == 0:
+        print(f"error: --samples-per-epoch {cfg.samples_per_epoch} gives no full batch of {cfg.batch_size} "
+              f"per process", file=sys.stderr)
+        return 2
+    start, done_steps = time.time(), 0
+    total_steps = steps * (cfg.epochs - start_epoch + 1)
+    stopped = False
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        data.epoch = epoch
+        set_lr(optimizer, cfg, epoch)
+        model.train()
+        sums, count = torch.zeros(len(pntrack.TERMS)), 0
+        for step, (template, frames, views, targets) in enumerate(loader, 1):
+            mode = pntrack.dca_mode(cfg, epoch, step_seed=[args.seed, epoch, step])
+            batch = [t.to(device, non_blocking=True) for t in (template, frames, views, targets)]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, terms = ddp(*batch, mode=mode)
+            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
+            if distributed:
+                dist.all_reduce(bad)
+            if bad.item() > 0:
+                log(f"error: loss is not finite at epoch {epoch} step {step} ({dict(zip(pntrack.TERMS, terms.tolist()))}); "
+                    f"stopping. The last good checkpoint is {best_path} (epoch {epoch - 1}).")
+                return 1
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            sums += terms.detach().float().cpu()
+            done_steps, count = done_steps + 1, count + 1
+            if step % args.log_every == 0 or step == steps:
+                elapsed = time.time() - start
+                rate = done_steps * cfg.batch_size * world / elapsed
+                eta = elapsed / done_steps * (total_steps - done_steps)
+                avg, count = sums / max(count, 1), 0
+                sums.zero_()
+                log(f"epoch {epoch}/{cfg.epochs} step {step}/{steps} | "
+                    + " ".join(f"{n} {v:.3f}" for n, v in zip(pntrack.TERMS, avg.tolist()))
+                    + f" | dca {mode or 'off'} | {rate:.1f} samples/s | ETA {duration(eta)}")
+            if args.max_minutes and time.time() - start > args.max_minutes * 60:
+                stopped = True
+                break
+        if main_process:
+            # pntrack.pt first: last.pt claims the epoch only once both files hold it
+            pntrack.save_checkpoint(best_path, model.net)
+            pntrack.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "epoch": epoch - 1 if stopped else epoch, "rng": torch.get_rng_state(),
+                                 "config": vars(args)}, last_path)
+        if stopped:
+            log(f"--max-minutes {args.max_minutes} reached during epoch {epoch}: saved {best_path}; "
+                f"--resume restarts epoch {epoch}")
+            break
+        if main_process and val and args.eval_every and epoch % args.eval_every == 0 and epoch < cfg.epochs:
+            auc, base, _, _ = evaluate_tracker(model.net, val, device)
+            log(f"epoch {epoch}: success AUC {auc:.3f} (static-box baseline {base:.3f})")
+    if main_process and val:
+        auc, base, ours, static = evaluate_tracker(model.net, val, device)
+        where = args.val or f"{len(val)} held-out generated clips"
+        log(f"done in {duration(time.time() - start)}: success AUC {auc:.3f} on {where} "
+            f"(static-box baseline {base:.3f}); checkpoint {best_path}")
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
