@@ -247,6 +247,8 @@ def test_checkpoint_round_trip_restores_config_and_weights(tmp_path):
     for (k, a), b in zip(net.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), k
     assert not any(f.startswith(".tmp-") for f in os.listdir(tmp_path))
+    pntrack.save_checkpoint(str(tmp_path / "no_suffix"), net)            # any file name works
+    assert pntrack.load_checkpoint(str(tmp_path / "no_suffix")).cfg == net.cfg
 
 
 # --- the tracker ------------------------------------------------------------------------------------------
@@ -1198,3 +1200,32 @@ def test_real_sequence_runs_end_to_end_with_scores(ckpt, tmp_path, capsys):
     s = track.evaluate(result, gt)
     assert np.allclose(printed_scores(out), [100 * s[k] for k in track.SCORES], atol=0.05 + 1e-9)
     assert "otb_Dudek_first20: AUC" in out and "tiny, 20 frames)" in out
+
+
+def test_batchnorm_folding_keeps_outputs_and_leaves_the_network_alone():
+    torch.manual_seed(0)
+    net = pntrack.PNTrack(make_config("tiny"))
+    for m in net.modules():                      # non-trivial running statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    net.eval()
+    z, x = torch.randn(2, 3, 3, 64, 64), torch.randn(2, 3, 128, 128)
+    folded = pntrack.fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    with torch.no_grad():
+        for a, b in zip(net(z, x), folded(z, x)):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_load_pretrained_accepts_a_pntrack_checkpoint_to_start_from(tmp_path):
+    torch.manual_seed(0)
+    source = pntrack.PNTrack(make_config("tiny"))
+    pntrack.save_checkpoint(str(tmp_path / "gen.pt"), source)
+    torch.manual_seed(1)
+    net = pntrack.PNTrack(make_config("tiny"))
+    missing, unexpected = pntrack.load_pretrained(net, str(tmp_path / "gen.pt"))
+    assert missing == [] and unexpected == []
+    for (k, a), b in zip(source.state_dict().items(), net.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -17,7 +17,6 @@ import itertools
 import os
 import re
 import sys
-import tempfile
 import time
 from fractions import Fraction
 
@@ -86,15 +85,10 @@ def write_boxes(path, boxes):
 
     Written to a temporary file, then renamed: a run killed mid-write never leaves a half file behind.
     """
-    fd, tmp = tempfile.mkstemp(dir=make_parent(path), prefix=".tmp-", suffix=".txt")
-    try:
-        with os.fdopen(fd, "w") as f:
+    def write(tmp):
+        with open(tmp, "w") as f:
             f.writelines("%.2f,%.2f,%.2f,%.2f\n" % tuple(b) for b in boxes)
-        os.chmod(tmp, 0o644)                       # mkstemp makes it private; results are for sharing
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    pntrack.atomic_write(path, write)
 
 
 def list_frames(folder):
