@@ -277,6 +277,39 @@ def test_tracker_returns_one_box_per_frame_inside_the_image():
         assert 0 <= x and 0 <= y and x + w <= 160 + 1e-6 and y + h <= 90 + 1e-6 and w >= 10 and h >= 10
 
 
+class BrightObjectNet(pntrack.PNTrack):
+    """A test fixture with a perfect detector: it finds the bright pixels of the search crop (the object of
+    `moving_square_clip` is brighter than anything around it) and reports them in the center head's format,
+    so the tracker's own geometry (search crop -> head maps -> Hann window -> image box) is what is tested."""
+    def forward(self, z, x):                                  # x: (B, 3, Sx, Sx) normalised search crop
+        B, _, S, _ = x.shape
+        G = math.isqrt(self.n_x)
+        bright = (x >= pntrack.normalize(torch.full((3, 1, 1), 128, dtype=torch.uint8))).all(1)   # (B, Sx, Sx)
+        score, size, offset = torch.zeros(B, 1, G, G), torch.zeros(B, 2, G, G), torch.zeros(B, 2, G, G)
+        for b in range(B):
+            ys, xs = torch.nonzero(bright[b], as_tuple=True)
+            x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+            cx, cy = (x0 + x1) / 2 / S * G, (y0 + y1) / 2 / S * G      # centre in cell units
+            col, row = int(cx), int(cy)
+            score[b, 0, row, col] = 1
+            size[b, :, row, col] = torch.stack([(x1 - x0) / S, (y1 - y0) / S])
+            offset[b, :, row, col] = torch.stack([cx - col, cy - row])
+        return score, size, offset
+
+
+def test_tracker_follows_a_moving_object():
+    frames, boxes = moving_square_clip(n=12)
+    tracker = pntrack.Tracker(BrightObjectNet(make_config("tiny")), device="cpu")
+    tracker.init(frames[0], boxes[0])
+    iou = lambda a, b: box_iou(*(pntrack.xywh_to_cxcywh(torch.tensor(v, dtype=torch.float64)) for v in (a, b)))[0].item()
+    ious = [iou(tracker.update(f), b) for f, b in zip(frames[1:], boxes[1:])]
+    static = [iou(boxes[0], b) for b in boxes[1:]]
+    # the object travels 66 px right and 33 px down, three times its size: the first box loses it...
+    assert static[-1] == 0
+    # ...and the tracker stays on it to within the crop's resampling (one search-crop pixel is < 1 image px)
+    assert min(ious) > 0.9, ious
+
+
 def test_tracker_converts_grey_and_rgba_images():
     frames, boxes = moving_square_clip(n=2)
     tracker = pntrack.Tracker(pntrack.PNTrack(make_config("tiny")), device="cpu")
