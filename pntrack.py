@@ -770,6 +770,11 @@ def pick_device(name=None):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def autocast(device):
+    """bf16 autocast on CUDA; on CPU nothing at all (float32), not even a disabled autocast context."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class Tracker:
     """`init(image, box)` then `update(image) -> box`; boxes are (x, y, w, h) in image pixels.
 
@@ -816,8 +821,7 @@ class Tracker:
         x = self._tensor(crop)[None]                            # (1, 3, Sx, Sx)
         z = self.templates()
         start = time.perf_counter()
-        cuda = self.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+        with autocast(self.device):
             score, size, offset = self.net(z, x)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -885,7 +889,7 @@ if __name__ == "__main__":
         n_dca = sum(p.numel() for p in model.dca.parameters())
         z = torch.randn(1, cfg.n_templates, 3, cfg.template_size, cfg.template_size, device=device)
         x = torch.randn(1, 3, cfg.search_size, cfg.search_size, device=device)
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext():
+        with torch.inference_mode(), autocast(device):
             runs = 50 if name == "tiny" or device.type == "cuda" else 5
             for i in range(runs + 5):                  # 5 warm-up forwards, then `runs` timed ones
                 if i == 5:

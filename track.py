@@ -120,14 +120,22 @@ def list_sequences(root):
 # Reading frames. Each reader is a generator of RGB PIL images, one per frame, decoded only when asked for.
 # A frame that fails to decode comes out as None (with a warning): the tracker repeats its last box there.
 
+def read_image(path):
+    """An image file -> RGB PIL image; a broken file raises ValueError naming it (train.py uses this too)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:        # what Pillow raises for broken files
+        raise ValueError(f"{path}: unreadable image ({e})") from None
+
+
 def image_frames(files):
     """Image files, in order."""
     for path in files:
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as e:    # what Pillow raises for broken files
-            warn(f"{path}: unreadable image ({e}); repeating the last box")
+            image = read_image(path)
+        except ValueError as e:
+            warn(f"{e}; repeating the last box")
             image = None
         yield image
 

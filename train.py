@@ -188,11 +188,7 @@ def read_first_box(path):
 def load_image(path):
     """Decode an image file to RGB. Cached: every sample of a sequence reuses its first frame (template and
     views), so with few sequences most decodes are hits. Callers never modify the returned image."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:       # what Pillow raises for broken files
-        raise ValueError(f"{path}: unreadable frame ({type(e).__name__})") from None
+    return track.read_image(path)
 
 
 class FrameSequence:
@@ -286,7 +282,7 @@ def find_sequences(root, cfg):
 
     for folder, subdirs, files in os.walk(root, followlinks=True):     # datasets are often symlinked
         subdirs.sort()
-        box_file = next((os.path.join(folder, b) for b in BOX_FILES if b in files), None)
+        box_file = track.find_box_file(folder, BOX_FILES)
         frames = track.list_frames(folder) if box_file else []
         if box_file and frames:
             add(lambda: FrameSequence(os.path.relpath(folder, root), frames, box_file), box_file)
@@ -633,7 +629,7 @@ def main(argv=None):
             # DCA mode of this batch: prompts up to epoch K, noise after (or the soft ramp); the same on all ranks
             mode = pntrack.dca_mode(cfg, epoch, step_seed=[args.seed, epoch, step])
             batch = [t.to(device, non_blocking=True) for t in (template, frames, views, targets)]
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with pntrack.autocast(device):
                 loss, terms = ddp(*batch, mode=mode)
             # a non-finite loss stops every rank together, before the update could spoil the weights
             bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
