@@ -57,6 +57,8 @@ class Config:
     # tracker (inference)
     n_templates: int = 3             # first frame + (n - 1) from the memory (SSTrack TEST.TEMPLATE_NUMBER)
     memory_size: int = 64            # cap on stored template crops (thinned by 2 when full)
+    memory_min_score: float = 0.0    # store a frame's template only if its peak score C reaches this (0: all)
+    max_size_change: float = 0.0     # bound on the per-frame relative change of w and h, e.g. 0.1 = +-10% (0: off)
     # DCA (DESIGN §3; PNTrack)
     dca: bool = True
     prompt: bool = True              # prompt mode for epoch <= dca_epoch
@@ -73,7 +75,13 @@ class Config:
     frame_size: int = 256            # L: frames are letterboxed to L x L (2 * Sx) for batched template crops
     contrast: bool = True            # instance contrastive loss (SSTrack Eq. 5)
     temperature: float = 0.5
-    grad_through_crop: bool = False  # keep forward boxes attached (our extension; SSTrack detaches)
+    grad_through_crop: bool = False  # keep forward boxes attached (our extension; SSTrack detaches); needs
+                                     # template_crop "batched" and forward_search "global"
+    template_crop: str = "full"      # backward templates: "full" = re-cropped from the full-resolution frames
+                                     # (SSTrack; the same crop as at inference), "batched" = one differentiable
+                                     # batched crop of the frames letterboxed to L (faster, blurrier)
+    forward_search: str = "global"   # "global": the whole frame shrunk to Sx (SSTrack); "local": a search crop
+                                     # around the previous box, as the Tracker does (DESIGN §6, tiny on real video)
     # augmentation of the backward views (SSTrack Table 8, OSTrack jitter)
     center_jitter: float = 3.0
     scale_jitter: float = 0.5
@@ -334,7 +342,7 @@ class CenterHead(nn.Module):
         # OSTrack clamps the sigmoid score so the focal loss's logs stay finite
         score = torch.sigmoid(self.score(f)).clamp(1e-4, 1 - 1e-4)  # (B, 1, G, G): C, target centre prob.
         size = torch.sigmoid(self.size(f))                           # (B, 2, G, G): w, h / search side
-        offset = torch.sigmoid(self.offset(f))                       # (B, 2, G, G): sub-cell offset
+        offset = self.offset(f)                                      # (B, 2, G, G): sub-cell offset, raw (OSTrack)
         return score, size, offset
 
 
@@ -508,9 +516,12 @@ def track_loss(score, size, offset, target):
     """
     pred = decode_box(score, size, offset)                                         # (B, 4)
     focal = focal_loss(score, gaussian_heatmap(target, score.shape[-1]))
-    _, giou = box_iou(pred, target)
+    # SSTrack/OSTrack clamp the target's corners to the crop, [0, 1], before GIoU and L1: an augmented view
+    # can push part of the target out of the crop (about one target in six here)
+    corners = cxcywh_to_xyxy(target).clamp(0, 1)                                   # (B, 4) x1, y1, x2, y2
+    _, giou = box_iou(pred, torch.cat([(corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]], -1))
     giou = (1 - giou).mean()
-    l1 = F.l1_loss(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target))
+    l1 = F.l1_loss(cxcywh_to_xyxy(pred), corners)
     total = LOSS_WEIGHTS["focal"] * focal + LOSS_WEIGHTS["giou"] * giou + LOSS_WEIGHTS["l1"] * l1
     return total, focal, giou, l1
 
@@ -625,13 +636,14 @@ class DCA(nn.Module):
         super().__init__()
         D = cfg.embed_dim
         self.ctx_type = nn.Parameter(torch.zeros(1, 1, D))          # type embedding added to context tokens
-        # prompt_source "random_query" only: a randomly initialised, non-semantic query (the paper's words).
-        # It enters at the first forward step, which runs without gradient, so it is a fixed buffer.
-        self.register_buffer("query", torch.randn(1, cfg.n_tokens, D) * 0.02)
+        # prompt_source "random_query" only (paper ablation row 2): randomly initialised, non-semantic queries,
+        # learned as ODTrack/SSTrack's track query is; they are the context of every step that carries one
+        self.query = nn.Parameter(torch.zeros(1, cfg.n_tokens, D))
         self.noise_decoder = NoiseDecoder(D, cfg.n_heads)
         self.noise_head = CenterHead(D, cfg.head_channels)          # the noise decoder's own center head
         self.apply(init_weights)
         nn.init.trunc_normal_(self.ctx_type, std=0.02)
+        nn.init.trunc_normal_(self.query, std=0.02)
 
 
 # -----------------------------------------------------------------------------
@@ -650,12 +662,19 @@ class SelfSupervised(nn.Module):
     """
     def __init__(self, cfg):
         super().__init__()
+        if cfg.grad_through_crop and (cfg.template_crop, cfg.forward_search) != ("batched", "global"):
+            raise ValueError("grad_through_crop needs template_crop='batched' and forward_search='global' "
+                             "(only the batched crop of letterboxed frames is differentiable)")
+        if cfg.template_crop not in ("full", "batched") or cfg.forward_search not in ("global", "local"):
+            raise ValueError(f"template_crop must be full|batched and forward_search global|local, "
+                             f"not {cfg.template_crop!r} / {cfg.forward_search!r}")
         self.cfg = cfg
         self.net = PNTrack(cfg)
         self.dca = DCA(cfg) if cfg.dca else None
 
     def step(self, z, x, ctx, mode):
-        """One tracking step with DCA context `ctx`; returns the head maps, search features, box and next context."""
+        """One tracking step with DCA context `ctx` (or None); returns the head maps, search features, the box
+        and the context this step hands on (`mode` "prompt" / "noise"; None: hands on nothing)."""
         cfg, net = self.cfg, self.net
         n_ctx = 0 if ctx is None else ctx.shape[1]
         want_qk = mode == "prompt" and cfg.prompt_source == "attn*cls"
@@ -664,8 +683,7 @@ class SelfSupervised(nn.Module):
         score, size, offset = (m.float() for m in net.head(feats))
         box = decode_box(score, size, offset)                                    # (B, 4) normalised
         if mode == "prompt" and cfg.prompt_source == "random_query":
-            # non-semantic query (ablation row 2): the query tokens' outputs, carried on (ODTrack/SSTrack)
-            nxt = tokens[:, :n_ctx].detach() if n_ctx else None
+            nxt = self.dca.query.expand(x.shape[0], -1, -1)   # non-semantic learned queries (ablation row 2)
         elif mode == "prompt":
             nxt = prompt_tokens(cfg, feats, score, qk, n_ctx, tokens.shape[1] - n_ctx - net.n_x)
         elif mode == "noise":
@@ -674,47 +692,72 @@ class SelfSupervised(nn.Module):
             nxt = None
         return score, size, offset, feats, box, nxt
 
-    def forward(self, template, frames, views, targets, mode=None):
+    def forward(self, template, frames, views, targets, mode=None, originals=None):
         """template (B, 3, Sz, Sz): first-frame crop around the first box; frames (B, n_fwd, 3, L, L): later
         frames letterboxed into L x L; views (B, n_bwd, 3, Sx, Sx): augmented first-frame search crops;
         targets (B, n_bwd, 4): the first box in each view, normalised. Images uint8. mode: `dca_mode(...)`.
+        originals: per sample {"box": first box (cx, cy, w, h) px, "frames": the n_fwd frames as full-resolution
+        PIL images}, for template_crop "full" and forward_search "local"; if None, the letterboxed frames stand
+        in for them (the first box is then unknown, so forward_search "local" needs them).
         """
         cfg = self.cfg
-        B, L = template.shape[0], frames.shape[-1]
+        B, L, dev = template.shape[0], frames.shape[-1], template.device
+        if originals is None:
+            if cfg.forward_search == "local":
+                raise ValueError("forward_search 'local' needs `originals` (the first box in frame pixels)")
+            originals = [{"frames": [Image.fromarray(f.permute(1, 2, 0).cpu().numpy()) for f in fr]} for fr in frames]
         z0 = normalize(template)[:, None]                                       # (B, 1, 3, Sz, Sz)
-        # context tokens live inside one sample's cycle: reset for every batch (DESIGN §3 "Lifetime")
-        ctx = None
-        if mode == "prompt" and cfg.prompt_source == "random_query":
-            ctx = self.dca.query.expand(B, -1, -1)
 
-        # 1. forward, global: the whole frame is the search image (SSTrack: search factor "no use")
-        z_bwd = []
+        def to_net(crops):            # PIL crops (list of uint8 (S, S, 3)) -> normalised (B, 3, S, S) on the device
+            return normalize(torch.from_numpy(np.stack(crops)).to(dev).permute(0, 3, 1, 2))
+
+        # 1. forward (no loss). Context tokens live inside one sample's cycle (DESIGN §3 "Lifetime"): forward
+        # step 1 has none, steps 2..n carry the previous step's.
+        ctx, z_bwd = None, []
+        prev = [o.get("box") for o in originals]                                # local search: last box, px
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.grad_through_crop):
             for t in range(cfg.n_fwd):
-                frame = frames[:, t].float()                                    # (B, 3, L, L), 0..255
-                x = F.interpolate(frame, size=cfg.search_size, mode="bilinear", antialias=True, align_corners=False)
-                *_, box, ctx = self.step(z0, normalize(x), ctx, mode)
-                if not cfg.grad_through_crop:
-                    box = box.detach()           # SSTrack: the forward branch learns only via shared weights
-                # 2. backward templates: z_t = crop(f_t, predicted box), batched differentiable crop
-                z_t, _ = crop_tensor(frame, box * L, cfg.template_factor, cfg.template_size)
-                z_bwd.append(normalize(z_t))
+                full = [o["frames"][t] for o in originals]
+                if cfg.forward_search == "global":      # SSTrack: the whole frame is the search image
+                    frame = frames[:, t].float()                                # (B, 3, L, L), 0..255
+                    x = F.interpolate(frame, size=cfg.search_size, mode="bilinear", antialias=True, align_corners=False)
+                    *_, box, ctx = self.step(z0, normalize(x), ctx, mode)
+                    if not cfg.grad_through_crop:
+                        box = box.detach()       # SSTrack: the forward branch learns only via shared weights
+                    scale = torch.tensor([max(im.size) / L for im in full], device=dev)[:, None]
+                    prev = list((box * L * scale).detach().cpu().double().numpy())   # letterbox -> frame px
+                else:                                   # ours (DESIGN §6): search around the last box, as the Tracker
+                    crops, tfs = zip(*(crop_image(im, b, cfg.search_factor, cfg.search_size) for im, b in zip(full, prev)))
+                    *_, box, ctx = self.step(z0, to_net(crops), ctx, mode)
+                    px = box_from_crop(box.detach().cpu().double().numpy() * cfg.search_size, np.stack(tfs))
+                    prev = [clip_box(b, *im.size) for b, im in zip(px, full)]
+                # 2. backward templates z_t = crop(f_t, predicted box)
+                if cfg.template_crop == "batched":      # one differentiable crop of the letterboxed frames
+                    z_t, _ = crop_tensor(frames[:, t].float(), box * L, cfg.template_factor, cfg.template_size)
+                    z_bwd.append(normalize(z_t))
+                else:                                   # SSTrack re-crops the full frame: the crop the Tracker makes
+                    z_bwd.append(to_net([crop_image(im, b, cfg.template_factor, cfg.template_size)[0]
+                                         for im, b in zip(full, prev)]))
         z = torch.stack(z_bwd, 1)                                                # (B, n_fwd, 3, Sz, Sz)
+        if mode == "prompt" and cfg.prompt_source == "random_query":
+            ctx = self.dca.query.expand(B, -1, -1)   # taken again outside the gradient-free forward: learned
 
-        # 3. backward, local: track each augmented view of the first frame with all forward templates
-        terms = torch.zeros(len(TERMS), device=template.device)
+        # 3. backward, local: track each augmented view of the first frame with all forward templates. View 1
+        # runs without context tokens, exactly as at inference; views 2.. carry the last forward step's tokens.
+        # SSTrack sums the tracking loss over the views (its actor: total_loss += loss per view).
+        terms = torch.zeros(len(TERMS), device=dev)
         loss, pooled = 0.0, []
         for v in range(cfg.n_bwd):
-            ctx_in = ctx
-            score, size, offset, feats, box, ctx = self.step(z, normalize(views[:, v]), ctx_in, mode)
+            ctx_in = None if v == 0 else ctx
+            score, size, offset, feats, box, _ = self.step(z, normalize(views[:, v]), ctx_in, None)
             total, focal, giou, l1 = track_loss(score, size, offset, targets[:, v])
-            loss = loss + total / cfg.n_bwd
-            terms[1:4] += torch.stack([focal, giou, l1]).detach() / cfg.n_bwd
+            loss = loss + total
+            terms[1:4] += torch.stack([focal, giou, l1]).detach() / cfg.n_bwd       # logged per view
             terms[6] += box_iou(box.detach(), targets[:, v])[0].mean() / cfg.n_bwd
             if mode == "noise" and ctx_in is not None:
                 # noise decoder: an extra prediction from the perturbed search features, same target
                 n_score, n_size, n_offset = (m.float() for m in self.dca.noise_head(self.dca.noise_decoder(feats, ctx_in)))
-                noise = track_loss(n_score, n_size, n_offset, targets[:, v])[0] / cfg.n_bwd
+                noise = track_loss(n_score, n_size, n_offset, targets[:, v])[0]
                 loss = loss + noise
                 terms[5] += noise.detach()
             mask = box_mask(box.detach(), math.isqrt(feats.shape[1])).to(feats.dtype)   # (B, Nx)
@@ -806,18 +849,27 @@ class Tracker:
             raise ValueError(f"box {box} lies entirely outside the {W}x{H} image")
         self.box = np.array([x + w / 2, y + h / 2, w, h])
         self.first = self._template(image, self.box)          # (3, Sz, Sz)
-        self.memory = []                                        # templates cropped at past predictions
+        self.frame_no = 0                                       # index of the current frame; the first is 0
+        self.memory = [(0, self.first)]                         # (frame number, template crop), in time order
+
+    def memory_picks(self):
+        """Frame numbers of the n - 1 memory templates: SSTrack's `select_memory_frames`. At frame t (frames
+        0..t-1 stored), m = n - 1 segments of dur = t // m frames; the picks are their midpoints k*dur + dur//2."""
+        m, t = self.cfg.n_templates - 1, self.frame_no
+        dur = t // m if m else 0
+        return [k * dur + dur // 2 for k in range(m)]
 
     def templates(self):
-        """First-frame template + (n - 1) picked evenly over the memory (SSTrack: one per segment)."""
-        n, mem = self.cfg.n_templates, self.memory
-        picks = [mem[len(mem) * (i + 1) // (n - 1) - 1] if mem else self.first for i in range(n - 1)]
+        """First-frame template + the stored crops nearest in time to `memory_picks()` (exact until thinned)."""
+        picks = [min(self.memory, key=lambda e: abs(e[0] - f))[1] for f in self.memory_picks()]
         return torch.stack([self.first] + picks)[None]          # (1, n, 3, Sz, Sz)
 
     @torch.inference_mode()
     def update(self, image):
         image = to_rgb(image)
-        crop, tf = crop_image(image, self.box, self.cfg.search_factor, self.cfg.search_size)
+        cfg = self.cfg
+        self.frame_no += 1
+        crop, tf = crop_image(image, self.box, cfg.search_factor, cfg.search_size)
         x = self._tensor(crop)[None]                            # (1, 3, Sx, Sx)
         z = self.templates()
         start = time.perf_counter()
@@ -826,12 +878,18 @@ class Tracker:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.model_seconds += time.perf_counter() - start
-        box = decode_box(score.float() * self.window, size.float(), offset.float())[0]   # normalised crop box
-        box = box_from_crop(box.cpu().double().numpy() * self.cfg.search_size, tf)        # image px
+        score = score.float()
+        box = decode_box(score * self.window, size.float(), offset.float())[0]          # normalised crop box
+        box = box_from_crop(box.cpu().double().numpy() * cfg.search_size, tf)           # image px
+        if cfg.max_size_change > 0:            # ours (DESIGN §6): w and h change at most this much per frame
+            r = 1 + cfg.max_size_change
+            box[2:] = np.clip(box[2:], self.box[2:] / r, self.box[2:] * r)
         self.box = clip_box(box, *image.size)
-        self.memory.append(self._template(image, self.box))
-        if len(self.memory) >= 2 * self.cfg.memory_size:       # bounded memory: keep every other crop
-            self.memory = self.memory[1::2]
+        # template memory; ours (DESIGN §6): a frame whose peak score is below memory_min_score is left out
+        if cfg.memory_min_score <= 0 or score.max().item() >= cfg.memory_min_score:
+            self.memory.append((self.frame_no, self._template(image, self.box)))
+        if len(self.memory) >= 2 * cfg.memory_size:            # bounded memory: keep every other crop
+            self.memory = self.memory[::2]
         return cxcywh_to_xywh(self.box)
 
 

@@ -326,17 +326,31 @@ def test_tracker_init_rejects_bad_boxes_naming_box_and_image_size(box):
         tracker.init(np.zeros((90, 160, 3), np.uint8), box)
 
 
-def test_template_memory_picks_first_plus_evenly_spaced_and_stays_bounded():
-    tracker = pntrack.Tracker(pntrack.PNTrack(make_config("tiny", n_templates=3, memory_size=4)), device="cpu")
+@pytest.mark.parametrize("t", [10, 100, 1000])
+def test_template_memory_picks_frames_by_sstrack_formula_and_after_thinning(t):
+    cfg = make_config("tiny", n_templates=3, memory_size=64)
+    tracker = pntrack.Tracker(pntrack.PNTrack(cfg), device="cpu")
     tracker.first = torch.full((3, 64, 64), -1.0)
-    tracker.memory = [torch.full((3, 64, 64), float(i)) for i in range(10)]
-    z = tracker.templates()[0, :, 0, 0, 0]
-    assert z.tolist() == [-1.0, 4.0, 9.0]         # history split in two segments: the end of each
+    # frames 0..t-1 stored as SSTrack does, each crop filled with its frame number; at frame t: dur = t // 2
+    tracker.frame_no, tracker.memory = t, [(i, torch.full((3, 64, 64), float(i))) for i in range(t)]
+    dur = t // 2
+    assert tracker.memory_picks() == [dur // 2, dur + dur // 2]           # segment midpoints, never the latest
+    assert tracker.templates()[0, :, 0, 0, 0].tolist() == [-1.0, dur // 2, dur + dur // 2]
+    # thinned memory (every other crop kept, as when full): the nearest stored frame in time
+    tracker.memory = tracker.memory[::2]
+    want = [min(range(0, t, 2), key=lambda f: abs(f - p)) for p in tracker.memory_picks()]
+    assert tracker.templates()[0, 1:, 0, 0, 0].tolist() == want
+
+
+def test_template_memory_stays_bounded_and_keeps_frame_numbers_in_time_order():
+    tracker = pntrack.Tracker(pntrack.PNTrack(make_config("tiny", n_templates=3, memory_size=4)), device="cpu")
     frames, boxes = moving_square_clip(n=12)
     tracker.init(frames[0], boxes[0])
     for f in frames[1:]:
         tracker.update(f)
         assert len(tracker.memory) < 8            # 2 * memory_size: thinned by half when reached
+    numbers = [n for n, _ in tracker.memory]
+    assert numbers[0] == 0 and numbers == sorted(numbers) and tracker.frame_no == 11
 
 
 def test_clip_box_keeps_a_margin_inside_the_image():
@@ -592,6 +606,83 @@ def test_training_step_gives_finite_losses_and_gradients_in_every_dca_mode(mode)
         assert model.dca.ctx_type.grad.abs().sum() > 0                 # context tokens reached the network
 
 
+def record_encode_calls(model, monkeypatch):
+    """Instrument `encode`: one (grad enabled, has context, z, x) entry per tracking step of the cycle."""
+    calls, encode = [], model.net.encode
+
+    def spy(z, x, ctx=None, return_qk=False):
+        calls.append((torch.is_grad_enabled(), ctx is not None, z.detach().clone(), x.detach().clone()))
+        return encode(z, x, ctx, return_qk)
+    monkeypatch.setattr(model.net, "encode", spy)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["prompt", "noise"])
+def test_every_cycle_has_exactly_one_loss_step_without_context_tokens(mode, monkeypatch):
+    torch.manual_seed(0)
+    model = pntrack.SelfSupervised(make_config("tiny"))
+    calls = record_encode_calls(model, monkeypatch)
+    model(*tiny_batch(), mode=mode)
+    # forward: 3 steps without gradient (step 1 without context); backward: view 1 none, view 2 carries
+    assert [(g, c) for g, c, _, _ in calls] == [(False, False), (False, True), (False, True), (True, False), (True, True)]
+
+
+def test_tracking_loss_is_summed_over_the_backward_views(monkeypatch):
+    torch.manual_seed(0)
+    model = pntrack.SelfSupervised(make_config("tiny", contrast=False))
+    totals, track_loss = [], pntrack.track_loss
+    monkeypatch.setattr(pntrack, "track_loss", lambda *a: (lambda r: totals.append(r[0].item()) or r)(track_loss(*a)))
+    loss, terms = model(*tiny_batch(), mode=None)
+    assert len(totals) == 2 and loss.item() == pytest.approx(sum(totals), rel=1e-6)
+
+
+def test_targets_outside_the_crop_give_finite_losses_with_clamped_corners():
+    G = 8
+    score, size, offset = torch.full((2, 1, G, G), 0.01), torch.full((2, 2, G, G), 0.3), torch.zeros(2, 2, G, G)
+    outside = torch.tensor([[1.3, 0.5, 0.4, 0.4], [-0.2, -0.3, 0.2, 0.2]])        # partly / wholly out of the crop
+    total, focal, giou, l1 = pntrack.track_loss(score, size, offset, outside)
+    assert all(torch.isfinite(v) for v in (total, focal, giou, l1))
+    # the L1 term is taken against the clamped corners: by hand for the prediction at the peak cell (0, 0)
+    pred = pntrack.cxcywh_to_xyxy(pntrack.decode_box(score, size, offset))
+    clamped = pntrack.cxcywh_to_xyxy(outside).clamp(0, 1)
+    assert l1.item() == pytest.approx((pred - clamped).abs().mean().item(), rel=1e-6)
+    assert l1.item() != pytest.approx((pred - pntrack.cxcywh_to_xyxy(outside)).abs().mean().item(), rel=1e-3)
+
+
+def test_random_query_is_a_learned_parameter_that_receives_a_gradient():
+    torch.manual_seed(0)
+    model = pntrack.SelfSupervised(make_config("tiny", prompt_source="random_query"))
+    assert isinstance(model.dca.query, torch.nn.Parameter)
+    loss, _ = model(*tiny_batch(), mode="prompt")
+    loss.backward()
+    assert model.dca.query.grad is not None and model.dca.query.grad.abs().sum() > 0
+
+
+def test_backward_templates_are_the_trackers_crops_of_the_full_frames_at_the_forward_boxes(monkeypatch):
+    torch.manual_seed(0)
+    cfg = make_config("tiny", forward_search="local")
+    model = pntrack.SelfSupervised(cfg).eval()
+    frames, boxes = moving_square_clip(n=4, h=180, w=320)        # full frames larger than the letterbox
+    box0 = pntrack.xywh_to_cxcywh(np.array(boxes[0], float))
+    originals = [{"box": box0, "frames": [Image.fromarray(f) for f in frames[1:]]}]
+    template, lb, views, targets = tiny_batch(B=1)
+    calls = record_encode_calls(model, monkeypatch)
+    boxes_seen = []
+    step = model.step
+    monkeypatch.setattr(model, "step", lambda *a: (lambda r: boxes_seen.append(r[4]) or r)(step(*a)))
+    with torch.no_grad():
+        model(template, lb, views, targets, mode=None, originals=originals)
+    prev = box0
+    for t in range(3):          # replay the forward search: crop around the last box, map the box back, clip
+        crop, tf = pntrack.crop_image(originals[0]["frames"][t], prev, cfg.search_factor, cfg.search_size)
+        assert torch.allclose(calls[t][3][0], pntrack.normalize(torch.from_numpy(crop).permute(2, 0, 1)), atol=1e-5)
+        px = pntrack.box_from_crop(boxes_seen[t][0].double().numpy() * cfg.search_size, tf)
+        prev = pntrack.clip_box(px, 320, 180)
+        expected = pntrack.normalize(torch.from_numpy(
+            pntrack.crop_image(originals[0]["frames"][t], prev, 2.0, 64)[0]).permute(2, 0, 1))
+        assert torch.allclose(calls[3][2][0, t], expected, atol=1e-5)     # backward view 1's template t
+
+
 def test_tracker_touches_no_dca_parameter_and_matches_a_model_built_without_dca():
     frames, boxes = moving_square_clip(n=5)
     outputs = []
@@ -674,7 +765,7 @@ def test_every_supported_layout_is_discovered_with_its_first_box(tmp_path):
     lengths = {s.name: len(s) for s in found}
     assert lengths["videos/cat.png"] == 1 and lengths["lasot/airplane/airplane-1"] == 6
     for seq in found:                 # every layout yields a training sample of the right shapes
-        template, frames, views, targets = train.make_sample(seq, make_config("tiny"), np.random.default_rng(0))
+        template, frames, views, targets, originals = train.make_sample(seq, make_config("tiny"), np.random.default_rng(0))
         assert template.shape == (3, 64, 64) and frames.shape == (3, 3, 256, 256) and views.shape == (2, 3, 128, 128)
         assert targets.shape == (2, 4) and torch.isfinite(targets).all()
 
@@ -731,7 +822,7 @@ def test_bad_sequences_are_skipped_with_a_warning_naming_the_file(tmp_path):
     assert os.path.join("broken", "00000001.jpg") in text and "bad.mp4" in text
     grey = next(s for s in found if s.name == "grey_mixed")
     for seed in range(3):
-        template, frames, views, targets = train.make_sample(grey, make_config("tiny"), np.random.default_rng(seed))
+        template, frames, views, targets, _ = train.make_sample(grey, make_config("tiny"), np.random.default_rng(seed))
         assert frames.shape == (3, 3, 256, 256)
 
 
@@ -810,8 +901,8 @@ def test_loss_goes_down_over_30_steps_on_generated_data():
     data = train.CycleData(train.GeneratedSequences(0), cfg, 30 * 4, seed=0)
     losses = []
     for step in range(30):
-        batch = torch.utils.data.default_collate([data[step * 4 + i] for i in range(4)])
-        loss, terms = model(*batch, mode="prompt")
+        *batch, originals = train.collate([data[step * 4 + i] for i in range(4)])
+        loss, terms = model(*batch, mode="prompt", originals=originals)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

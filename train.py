@@ -348,26 +348,35 @@ def augmented_view(image, box, cfg, rng, size, factor, jitter=True):
 
 
 def make_sample(seq, cfg, rng):
-    """(template (3, Sz, Sz), frames (n_fwd, 3, L, L), views (n_bwd, 3, Sx, Sx), targets (n_bwd, 4)) uint8/float."""
+    """(template (3, Sz, Sz), frames (n_fwd, 3, L, L), views (n_bwd, 3, Sx, Sx), targets (n_bwd, 4), originals)
+    uint8 / float tensors; originals = {"box": first box (cx, cy, w, h) px, "frames": the n_fwd full-size frames}."""
     f0, b0 = seq.frame(0), seq.first_box
     template, _ = pntrack.crop_image(f0, b0, cfg.template_factor, cfg.template_size)
     if len(seq) > 1:     # n_fwd later frames within max_gap, in time order
         hi = min(len(seq) - 1, cfg.max_gap)
         idx = np.sort(rng.choice(np.arange(1, hi + 1), cfg.n_fwd, replace=hi < cfg.n_fwd))
-        frames = [letterbox(seq.frame(int(i)), cfg.frame_size) for i in idx]
+        full = [seq.frame(int(i)) for i in idx]
     else:                # a still image: its forward "frames" are shifted and scaled copies of itself
-        frames = []
+        full = []
         for _ in range(cfg.n_fwd):
             s = math.exp(rng.uniform(-0.3, 0.3))
             W, H = f0.size
             shift = rng.uniform(-0.15, 0.15, 2) * (W, H)
             affine = [[1 / s, 0, (W - W / s) / 2 + shift[0]], [0, 1 / s, (H - H / s) / 2 + shift[1]]]
-            frames.append(letterbox(f0.transform(f0.size, Image.AFFINE, sum(affine, []), Image.BILINEAR), cfg.frame_size))
+            full.append(f0.transform(f0.size, Image.AFFINE, sum(affine, []), Image.BILINEAR))
+    frames = [letterbox(im, cfg.frame_size) for im in full]
     views, targets = zip(*(augmented_view(f0, b0, cfg, rng, cfg.search_size, cfg.search_factor) for _ in range(cfg.n_bwd)))
 
     def chw(images):                 # (..., H, W, 3) uint8 -> (..., 3, H, W) tensor
         return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(images), -1, -3)))
-    return chw(template), chw(frames), chw(views), torch.tensor(np.stack(targets), dtype=torch.float32)
+    return (chw(template), chw(frames), chw(views), torch.tensor(np.stack(targets), dtype=torch.float32),
+            {"box": np.asarray(b0, float), "frames": full})
+
+
+def collate(samples):
+    """Stack the tensors of a batch; the originals (full-size PIL frames of varying sizes) stay a list."""
+    *tensors, originals = zip(*samples)
+    return [torch.stack(t) for t in tensors] + [list(originals)]
 
 
 class CycleData(torch.utils.data.Dataset):
@@ -611,7 +620,7 @@ def main(argv=None):
     # on a 2-core CPU a loader process only takes time from the model (measured: 11.6 vs 12.6 samples/s)
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=indices, num_workers=workers,
-                                         drop_last=True, persistent_workers=False)
+                                         drop_last=True, persistent_workers=False, collate_fn=collate)
     steps = len(loader)
     if steps == 0:
         print(f"error: --samples-per-epoch {cfg.samples_per_epoch} gives no full batch of {cfg.batch_size} "
@@ -625,12 +634,12 @@ def main(argv=None):
         set_lr(optimizer, cfg, epoch)
         model.train()
         sums, count = torch.zeros(len(pntrack.TERMS)), 0
-        for step, (template, frames, views, targets) in enumerate(loader, 1):
+        for step, (template, frames, views, targets, originals) in enumerate(loader, 1):
             # DCA mode of this batch: prompts up to epoch K, noise after (or the soft ramp); the same on all ranks
             mode = pntrack.dca_mode(cfg, epoch, step_seed=[args.seed, epoch, step])
             batch = [t.to(device, non_blocking=True) for t in (template, frames, views, targets)]
             with pntrack.autocast(device):
-                loss, terms = ddp(*batch, mode=mode)
+                loss, terms = ddp(*batch, mode=mode, originals=originals)
             # a non-finite loss stops every rank together, before the update could spoil the weights
             bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
             if distributed:
