@@ -25,6 +25,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -59,6 +60,7 @@ class Config:
     memory_size: int = 64            # cap on stored template crops (thinned by 2 when full)
     memory_min_score: float = 0.0    # store a frame's template only if its peak score C reaches this (0: all)
     max_size_change: float = 0.0     # bound on the per-frame relative change of w and h, e.g. 0.1 = +-10% (0: off)
+    hold_below_score: float = 0.0    # keep the last box where the peak score C is below this (0: always move)
     # DCA (DESIGN §3; PNTrack)
     dca: bool = True
     prompt: bool = True              # prompt mode for epoch <= dca_epoch
@@ -72,6 +74,12 @@ class Config:
     n_fwd: int = 3                   # forward (global) frames per sample
     n_bwd: int = 2                   # backward (local) augmented views of the first frame
     max_gap: int = 400               # forward frames are drawn within this many frames of the first
+    first_template: bool = False     # ours (DESIGN §6): backward template 1 is the first frame's own crop, as
+                                     # at inference (template 1 is always it), instead of forward step 1's
+    extra_instances: float = 0.0     # ours (DESIGN §6): share of samples whose object is a random box on the
+                                     # first frame instead of its labelled box (more instances from few videos)
+    mix_generated: float = 0.0       # ours (DESIGN §6): share of samples drawn from generated videos when
+                                     # training on real data (0: real data only)
     frame_size: int = 256            # L: frames are letterboxed to L x L (2 * Sx) for batched template crops
     contrast: bool = True            # instance contrastive loss (SSTrack Eq. 5)
     temperature: float = 0.5
@@ -121,7 +129,14 @@ def make_config(name="tiny", **overrides):
     bad = set(overrides) - known
     if bad:
         raise ValueError(f"unknown config field(s): {', '.join(sorted(bad))}")
-    return replace(Config(), name=name, **{**PRESETS[name], **overrides})
+    cfg = replace(Config(), name=name, **{**PRESETS[name], **overrides})
+    if cfg.template_crop not in ("full", "batched") or cfg.forward_search not in ("global", "local"):
+        raise ValueError(f"template_crop must be full or batched, and forward_search global or local, "
+                         f"not {cfg.template_crop!r} / {cfg.forward_search!r}")
+    if cfg.grad_through_crop and (cfg.template_crop, cfg.forward_search) != ("batched", "global"):
+        raise ValueError("grad_through_crop needs template_crop 'batched' and forward_search 'global' "
+                         "(only the batched crop of the letterboxed frames is differentiable)")
+    return cfg
 
 
 # -----------------------------------------------------------------------------
@@ -157,6 +172,35 @@ def box_iou(a, b):
     enclose = (rb - lt).clamp(min=0).prod(-1)
     giou = iou - (enclose - union) / enclose.clamp(min=1e-7)
     return iou, giou
+
+
+MAX_BOX_SCALE = 10      # a first box wider or taller than 10x the image is a typo, not an object
+
+
+def format_box(box):
+    """Numbers for messages: (1.0, 12.5, inf, nan) -> '(1, 12.5, inf, nan)' (never `np.float64(...)`)."""
+    return "(" + ", ".join(f"{float(v):g}" for v in box) + ")"
+
+
+def check_box(box, width=None, height=None):
+    """The one check of a box a user gives (--box, box files, `Tracker.init`): raises ValueError with a
+    sentence naming the box and the rule it breaks. (x, y, w, h): four finite numbers, w and h > 0; with the
+    image size, the box must also overlap the image and be at most MAX_BOX_SCALE times its width / height."""
+    text = format_box(box)
+    if len(box) != 4:
+        raise ValueError(f"box {text} has {len(box)} numbers; a box is x, y, w, h")
+    x, y, w, h = (float(v) for v in box)
+    image = f" (the image is {width}x{height})" if width is not None else ""
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise ValueError(f"box {text} has a NaN or infinite number; x, y, w, h must be finite{image}")
+    if not (w > 0 and h > 0):
+        raise ValueError(f"box {text} has zero or negative size; w and h must be > 0{image}")
+    if width is None:
+        return
+    if w > MAX_BOX_SCALE * width or h > MAX_BOX_SCALE * height:
+        raise ValueError(f"box {text} is more than {MAX_BOX_SCALE} times the size of the {width}x{height} image")
+    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+        raise ValueError(f"box {text} lies entirely outside the {width}x{height} image")
 
 
 # -----------------------------------------------------------------------------
@@ -424,7 +468,8 @@ def load_pretrained(net, path):
     """
     try:
         # DropMAE also pickles its argparse.Namespace; allow exactly that, never full pickle
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # torch's warnings about odd files: our error says it
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}: "
@@ -432,28 +477,30 @@ def load_pretrained(net, path):
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path}: no state dict of tensors found (expected a dict, or one under 'model')")
-    if "config" in ckpt and "pos_x" in state:
-        # a pntrack.pt (e.g. trained on generated videos) to start from: the whole network, names as ours
-        try:
-            missing, extra = net.load_state_dict(state, strict=False)
-        except RuntimeError as e:
-            raise ValueError(f"{path}: tensor shapes do not fit config {net.cfg.name!r}: {str(e)[:300]}") from None
-        return sorted(missing), sorted(extra)
     mapped, unexpected = {}, []
-    for key, value in state.items():
-        if key == "pos_embed":
-            n = value.shape[1]
-            grid = value[:, 1:] if math.isqrt(n - 1) ** 2 == n - 1 else value     # drop the cls slot
-            mapped["pos_z"] = resize_pos_embed(grid, math.isqrt(net.n_z))
-            mapped["pos_x"] = resize_pos_embed(grid, math.isqrt(net.n_x))
-        elif key.startswith(("patch_embed.", "blocks.", "norm.")):
-            mapped[key] = value
+    try:                                 # any failure here: a loadable file whose tensors are not such weights
+        if "config" in ckpt and "pos_x" in state:
+            # a pntrack.pt (e.g. trained on generated videos) to start from: the whole network, names as ours
+            mapped = state
         else:
-            unexpected.append(key)           # cls_token, decoder_*, mask_token, temporal_pos_embed_*
-    try:
+            for key, value in state.items():
+                if key == "pos_embed":
+                    n = value.shape[1]
+                    grid = value[:, 1:] if math.isqrt(n - 1) ** 2 == n - 1 else value     # drop the cls slot
+                    mapped["pos_z"] = resize_pos_embed(grid, math.isqrt(net.n_z))
+                    mapped["pos_x"] = resize_pos_embed(grid, math.isqrt(net.n_x))
+                elif str(key).startswith(("patch_embed.", "blocks.", "norm.")):
+                    mapped[key] = value
+                else:
+                    unexpected.append(str(key))  # cls_token, decoder_*, mask_token, temporal_pos_embed_*
+        if not all(v.isfinite().all() for v in mapped.values() if torch.is_tensor(v) and v.is_floating_point()):
+            raise ValueError("NaN or inf weights")
         missing, extra = net.load_state_dict(mapped, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: tensor shapes do not fit config {net.cfg.name!r}: {str(e)[:300]}") from None
+        if not set(mapped) - set(extra):
+            raise ValueError("none of its tensors is a backbone weight (patch_embed.*, blocks.*, norm.*, pos_embed)")
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be loaded into config {net.cfg.name!r} "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     return sorted(missing), sorted(unexpected + list(extra))
 
 
@@ -584,6 +631,7 @@ def prompt_tokens(cfg, feats, score, qk, n_ctx, n_z):
     a (B, Nx): last-block attention from template rows to search columns, averaged over heads and rows;
     C (B, Nx): the class map. Both computed in kernels.py (Triton on CUDA, PyTorch elsewhere).
     prompt_source "cls" scores by C alone (paper ablation row 5). The tokens are detached.
+    Returns (idx (B, Kt) the chosen search cells, tokens T (B, Kt, D), s (B, Nx)); idx and s are for figures.
     """
     cls_map = score.detach().flatten(1).float()                               # (B, Nx) C
     if cfg.prompt_source == "attn*cls":
@@ -591,8 +639,8 @@ def prompt_tokens(cfg, feats, score, qk, n_ctx, n_z):
         s = kernels.attn_score(q.detach(), k.detach(), cls_map, n_ctx, n_z)   # (B, Nx) a * C
     else:
         s = cls_map
-    _, tokens = kernels.topk_gather(s, feats.detach(), cfg.n_tokens)          # (B, Kt, D)
-    return tokens
+    idx, tokens = kernels.topk_gather(s, feats.detach(), cfg.n_tokens)        # (B, Kt), (B, Kt, D)
+    return idx, tokens, s
 
 
 def noise_tokens(cfg, feats, boxes):
@@ -600,6 +648,7 @@ def noise_tokens(cfg, feats, boxes):
 
     Each row draws from its own background, then the batch is rolled by one, so sample i receives sample
     i-1's tokens (with a batch of one there is no other sequence: it gets its own background).
+    Returns (idx (B, Kt), tokens (B, Kt, D)): row i holds cells idx[i] of sample i-1's search grid.
     """
     B, Nx, D = feats.shape
     background = ~box_mask(boxes.detach().float(), math.isqrt(Nx))            # (B, Nx)
@@ -607,7 +656,7 @@ def noise_tokens(cfg, feats, boxes):
     weights = background.float() + 1e-6
     idx = torch.multinomial(weights, cfg.n_tokens, replacement=False)         # (B, Kt)
     tokens = feats.detach().gather(1, idx[..., None].expand(-1, -1, D))        # (B, Kt, D)
-    return tokens.roll(1, dims=0)
+    return idx.roll(1, dims=0), tokens.roll(1, dims=0)
 
 
 class NoiseDecoder(nn.Module):
@@ -662,15 +711,12 @@ class SelfSupervised(nn.Module):
     """
     def __init__(self, cfg):
         super().__init__()
-        if cfg.grad_through_crop and (cfg.template_crop, cfg.forward_search) != ("batched", "global"):
-            raise ValueError("grad_through_crop needs template_crop='batched' and forward_search='global' "
-                             "(only the batched crop of letterboxed frames is differentiable)")
-        if cfg.template_crop not in ("full", "batched") or cfg.forward_search not in ("global", "local"):
-            raise ValueError(f"template_crop must be full|batched and forward_search global|local, "
-                             f"not {cfg.template_crop!r} / {cfg.forward_search!r}")
         self.cfg = cfg
         self.net = PNTrack(cfg)
         self.dca = DCA(cfg) if cfg.dca else None
+        # opt-in recording for the figures (train.explain): set to a dict and every tracking step appends its
+        # tensors to record["steps"] (forward steps first, then the backward views); None: nothing is kept
+        self.record = None
 
     def step(self, z, x, ctx, mode):
         """One tracking step with DCA context `ctx` (or None); returns the head maps, search features, the box
@@ -682,14 +728,23 @@ class SelfSupervised(nn.Module):
         feats = tokens[:, -net.n_x:]                                             # (B, Nx, D)
         score, size, offset = (m.float() for m in net.head(feats))
         box = decode_box(score, size, offset)                                    # (B, 4) normalised
+        rec = {}                                    # for `self.record` (figures) only
         if mode == "prompt" and cfg.prompt_source == "random_query":
             nxt = self.dca.query.expand(x.shape[0], -1, -1)   # non-semantic learned queries (ablation row 2)
         elif mode == "prompt":
-            nxt = prompt_tokens(cfg, feats, score, qk, n_ctx, tokens.shape[1] - n_ctx - net.n_x)
+            n_z = tokens.shape[1] - n_ctx - net.n_x
+            idx, nxt, s = prompt_tokens(cfg, feats, score, qk, n_ctx, n_z)
+            rec = dict(prompt_idx=idx, s=s)
+            if self.record is not None and qk is not None:   # a alone: the same kernel with C = 1
+                rec["a"] = kernels.attn_score(qk[0].detach(), qk[1].detach(), torch.ones_like(s), n_ctx, n_z)
         elif mode == "noise":
-            nxt = noise_tokens(cfg, feats, box)
+            idx, nxt = noise_tokens(cfg, feats, box)
+            rec = dict(noise_idx=idx, noise_src=torch.arange(x.shape[0], device=x.device).roll(1))   # row i: from i-1
         else:
             nxt = None
+        if self.record is not None:                 # detached copies of what train.explain draws
+            rec.update(z=z, x=x, n_ctx=n_ctx, score=score, size=size, offset=offset, box=box, feats=feats)
+            self.record.setdefault("steps", []).append({k: torch.as_tensor(v).detach() for k, v in rec.items()})
         return score, size, offset, feats, box, nxt
 
     def forward(self, template, frames, views, targets, mode=None, originals=None):
@@ -739,6 +794,8 @@ class SelfSupervised(nn.Module):
                     z_bwd.append(to_net([crop_image(im, b, cfg.template_factor, cfg.template_size)[0]
                                          for im, b in zip(full, prev)]))
         z = torch.stack(z_bwd, 1)                                                # (B, n_fwd, 3, Sz, Sz)
+        if cfg.first_template:                     # ours: the layout the Tracker uses, first-frame crop first
+            z = torch.cat([z0, z[:, 1:]], 1)
         if mode == "prompt" and cfg.prompt_source == "random_query":
             ctx = self.dca.query.expand(B, -1, -1)   # taken again outside the gradient-free forward: learned
 
@@ -760,6 +817,8 @@ class SelfSupervised(nn.Module):
                 noise = track_loss(n_score, n_size, n_offset, targets[:, v])[0]
                 loss = loss + noise
                 terms[5] += noise.detach()
+                if self.record is not None:         # figures: the noise decoder's score map next to the head's
+                    self.record["steps"][-1]["noise_score"] = n_score.detach()
             mask = box_mask(box.detach(), math.isqrt(feats.shape[1])).to(feats.dtype)   # (B, Nx)
             pooled.append(((feats * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1), mask.sum(1) > 0))
 
@@ -786,6 +845,7 @@ def hann2d(G):
 
 def clip_box(box, width, height, margin=10):
     """Clip a (cx, cy, w, h) box to the image, keeping at least `margin` px inside (OSTrack/SSTrack clip_box)."""
+    margin = min(margin, width, height)          # an image smaller than the margin: the box is the image
     x1, y1 = box[0] - box[2] / 2, box[1] - box[3] / 2
     x2, y2 = x1 + box[2], y1 + box[3]
     x1, y1 = min(max(0.0, x1), width - margin), min(max(0.0, y1), height - margin)
@@ -841,16 +901,17 @@ class Tracker:
     @torch.inference_mode()
     def init(self, image, box):
         image = to_rgb(image)
-        x, y, w, h = box = tuple(float(v) for v in box)
-        W, H = image.size
-        if not (w > 0 and h > 0):
-            raise ValueError(f"box {box} has zero or negative size (image is {W}x{H})")
-        if x >= W or y >= H or x + w <= 0 or y + h <= 0:
-            raise ValueError(f"box {box} lies entirely outside the {W}x{H} image")
+        check_box(box, *image.size)                             # finite, w, h > 0, overlapping, not absurd
+        x, y, w, h = (float(v) for v in box)
         self.box = np.array([x + w / 2, y + h / 2, w, h])
         self.first = self._template(image, self.box)          # (3, Sz, Sz)
         self.frame_no = 0                                       # index of the current frame; the first is 0
         self.memory = [(0, self.first)]                         # (frame number, template crop), in time order
+
+    def rescale(self, sx, sy):
+        """The frames changed size by (sx, sy) (new / old): move the box with them. The stored template crops
+        are left as they are (a crop is a view of the object, whatever the frame size)."""
+        self.box = self.box * np.array([sx, sy, sx, sy])
 
     def memory_picks(self):
         """Frame numbers of the n - 1 memory templates: SSTrack's `select_memory_frames`. At frame t (frames
@@ -879,6 +940,9 @@ class Tracker:
             torch.cuda.synchronize(self.device)
         self.model_seconds += time.perf_counter() - start
         score = score.float()
+        peak = score.max().item()
+        if peak < cfg.hold_below_score:        # ours (DESIGN §6): an unsure frame leaves the box where it was
+            return cxcywh_to_xywh(self.box)
         box = decode_box(score * self.window, size.float(), offset.float())[0]          # normalised crop box
         box = box_from_crop(box.cpu().double().numpy() * cfg.search_size, tf)           # image px
         if cfg.max_size_change > 0:            # ours (DESIGN §6): w and h change at most this much per frame
@@ -886,16 +950,18 @@ class Tracker:
             box[2:] = np.clip(box[2:], self.box[2:] / r, self.box[2:] * r)
         self.box = clip_box(box, *image.size)
         # template memory; ours (DESIGN §6): a frame whose peak score is below memory_min_score is left out
-        if cfg.memory_min_score <= 0 or score.max().item() >= cfg.memory_min_score:
+        if peak >= cfg.memory_min_score:
             self.memory.append((self.frame_no, self._template(image, self.box)))
         if len(self.memory) >= 2 * cfg.memory_size:            # bounded memory: keep every other crop
             self.memory = self.memory[::2]
         return cxcywh_to_xywh(self.box)
 
 
-def save_checkpoint(path, net):
-    """Weights + config only: what track.py loads, safe with `weights_only=True`."""
-    atomic_save({"config": asdict(net.cfg), "model": net.state_dict()}, path)
+def save_checkpoint(path, net, half=False):
+    """Weights + config only: what track.py loads, safe with `weights_only=True`. half: fp16 floats (the
+    shipped weights; `load_checkpoint` turns them back into the network's float32)."""
+    state = {k: v.half() if half and v.is_floating_point() else v for k, v in net.state_dict().items()}
+    atomic_save({"config": asdict(net.cfg), "model": state}, path)
 
 
 def atomic_write(path, write):
@@ -923,15 +989,22 @@ def atomic_save(obj, path):
 def load_checkpoint(path, device="cpu"):
     """A checkpoint written by `save_checkpoint` -> PNTrack network with its config."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # torch's warnings about odd files: our error says it
+            ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception:
         raise ValueError(f"{path}: not a pntrack checkpoint (torch.load cannot read it)") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise ValueError(f"{path}: not a pntrack checkpoint (it holds a {type(ckpt).__name__}, "
+                         f"not a dict with 'config' and 'model')")
     try:
         net = PNTrack(Config(**ckpt["config"]))
         net.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
+    except Exception as e:            # a loadable file of something else (a list, another model's dict, ...)
         raise ValueError(f"{path}: not a pntrack checkpoint, or from another code version "
-                         f"({type(e).__name__}: {str(e)[:200]})") from None
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    if not all(v.isfinite().all() for v in net.state_dict().values() if v.is_floating_point()):
+        raise ValueError(f"{path}: holds non-finite weights (NaN or inf); not a usable checkpoint")
     return net.to(device)
 
 

@@ -30,7 +30,8 @@ import pntrack
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_EXT = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 GT_FILES = ("groundtruth.txt", "groundtruth_rect.txt")
-DEFAULT_CKPT = os.path.join("out", "pntrack.pt")     # what `python train.py` writes
+DEFAULT_CKPT = os.path.join("out", "pntrack.pt")     # what `python train.py` writes (in the current folder)
+SHIPPED_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "pntrack-tiny.pt")  # in the repo
 PROGRESS_EVERY = 100                                 # frames between progress lines on stderr
 
 
@@ -52,32 +53,44 @@ def make_parent(path):
 # -----------------------------------------------------------------------------
 # Box files and frame folders
 
-def parse_box(text, where):
+def parse_box(text, where, check=True):
     """One line of a box file -> (x, y, w, h) float array.
 
     Comma, tab or space separated (OTB uses all three); 4 numbers (x, y, w, h) or 8 (a VOT polygon,
     replaced by its axis-aligned bounding box). `where` ("file.txt:3") names the line in errors.
+    check: the box must be finite with w, h > 0 (`pntrack.check_box`); off for ground-truth lines, where
+    NaN means "target absent" (LaSOT) and such frames are simply not scored.
     """
     parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
     try:
-        values = [float(p) for p in parts]
+        values = np.array([float(p) for p in parts])
     except ValueError:
         raise ValueError(f"{where}: expected numbers, found {text.strip()[:60]!r}") from None
-    if len(values) == 8:
+    if len(values) == 8:                     # numpy's min / max: a NaN corner gives a NaN box
         xs, ys = values[0::2], values[1::2]
-        return np.array([min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)])
+        with np.errstate(invalid="ignore", over="ignore"):        # inf - inf is NaN: checked below
+            values = np.array([xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()])
     if len(values) != 4:
         raise ValueError(f"{where}: expected 4 numbers (x,y,w,h) or 8 (polygon), found {len(values)}")
-    return np.array(values)
+    if check:
+        try:
+            pntrack.check_box(values)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    return values
 
 
 def read_boxes(path):
-    """All boxes of a ground-truth file -> (N, 4) (x, y, w, h); 'nan' entries (LaSOT, absent target) kept."""
-    with open(path) as f:
-        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    """All boxes of a ground-truth file -> (N, 4) (x, y, w, h); non-finite entries (LaSOT's 'nan', absent
+    target) are kept: `evaluate` does not score those frames."""
+    try:
+        with open(path) as f:
+            lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file of boxes (it holds bytes that are not text)") from None
     if not lines:
         raise ValueError(f"{path}: empty box file")
-    return np.stack([parse_box(line, f"{path}:{i}") for i, line in lines])
+    return np.stack([parse_box(line, f"{path}:{i}", check=False) for i, line in lines])
 
 
 def write_boxes(path, boxes):
@@ -120,21 +133,27 @@ def list_sequences(root):
 # Reading frames. Each reader is a generator of RGB PIL images, one per frame, decoded only when asked for.
 # A frame that fails to decode comes out as None (with a warning): the tracker repeats its last box there.
 
+# what Pillow raises for broken files (IndexError: a truncated GIF; a bomb: a header claiming a huge size)
+PIL_ERRORS = (OSError, SyntaxError, ValueError, IndexError, EOFError, Image.DecompressionBombError)
+
+
 def read_image(path):
     """An image file -> RGB PIL image; a broken file raises ValueError naming it (train.py uses this too)."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:        # what Pillow raises for broken files
+    except PIL_ERRORS as e:
         raise ValueError(f"{path}: unreadable image ({e})") from None
 
 
 def image_frames(files):
-    """Image files, in order."""
-    for path in files:
+    """Image files, in order. An unreadable first frame is bad input (there is no box to repeat yet)."""
+    for i, path in enumerate(files):
         try:
             image = read_image(path)
         except ValueError as e:
+            if i == 0:
+                raise BadInput(str(e)) from None
             warn(f"{e}; repeating the last box")
             image = None
         yield image
@@ -163,12 +182,16 @@ def video_frames(container, stream, path):
                 try:
                     images = [frame.to_image() for frame in packet.decode()]
                 except av.FFmpegError as e:
+                    if n == 0:                         # no first frame, no box to repeat: bad input
+                        raise BadInput(f"{path}: the first frame cannot be decoded ({e.strerror or e})") from None
                     warn(f"{path}: frame {n + 1} failed to decode ({e.strerror or e}); repeating the last box")
                     images = [None]
                 for image in images:
                     n += 1
                     yield image
         except av.FFmpegError as e:                    # the container itself is broken from here on
+            if n == 0:
+                raise BadInput(f"{path}: no frame can be read ({e.strerror or e})") from None
             warn(f"{path}: unreadable after frame {n} ({e.strerror or e}); stopping there")
 
 
@@ -179,7 +202,9 @@ def gif_frames(gif, path):
             try:
                 gif.seek(i)
                 image = gif.convert("RGB")
-            except (OSError, EOFError, ValueError) as e:
+            except PIL_ERRORS as e:
+                if i == 0:                             # no first frame, no box to repeat: bad input
+                    raise BadInput(f"{path}: the first frame cannot be decoded ({e})") from None
                 warn(f"{path}: frame {i + 1} failed to decode ({e}); repeating the last box")
                 image = None
             yield image
@@ -224,15 +249,19 @@ def evaluate(pred, gt):
     if len(pred) != len(gt):
         raise ValueError(f"{len(pred)} predicted boxes for {len(gt)} ground-truth boxes")
     valid = np.isfinite(gt).all(1) & (gt[:, 2] > 0) & (gt[:, 3] > 0)
-    ious = rect_iou(pred[valid], gt[valid])
-    errors = center_error(pred[valid], gt[valid])
-    norm_errors = center_error(pred[valid], gt[valid], normalize=True)
-    success_curve = (ious[:, None] > IOU_THRESHOLDS[None]).mean(0)
-    precision_curve = (errors[:, None] <= PIXEL_THRESHOLDS[None]).mean(0)
-    norm_curve = (norm_errors[:, None] <= NORM_THRESHOLDS[None]).mean(0)
+    with np.errstate(over="ignore", invalid="ignore"):   # absurdly large ground truth: IoU 0, no numpy warning
+        ious = rect_iou(pred[valid], gt[valid])
+        errors = center_error(pred[valid], gt[valid])
+        norm_errors = center_error(pred[valid], gt[valid], normalize=True)
+
+    def mean(a):                                      # over frames; 0 when there is none (no warning, no NaN)
+        return a.sum(0) / max(len(a), 1)
+    success_curve = mean(ious[:, None] > IOU_THRESHOLDS[None])
+    precision_curve = mean(errors[:, None] <= PIXEL_THRESHOLDS[None])
+    norm_curve = mean(norm_errors[:, None] <= NORM_THRESHOLDS[None])
     later = ious[1:] if valid[0] else ious            # GOT-10k leaves out the first (given) frame
     return dict(auc=success_curve.mean(), precision=precision_curve[20], norm_precision=norm_curve[20],
-                ao=later.mean(), sr50=(later > 0.5).mean(), sr75=(later > 0.75).mean(),
+                ao=mean(later), sr50=mean(later > 0.5), sr75=mean(later > 0.75),
                 success_curve=success_curve, precision_curve=precision_curve, frames=int(valid.sum()))
 
 
@@ -249,29 +278,48 @@ def format_scores(s):
 # -----------------------------------------------------------------------------
 # The tracking loop
 
-def run_tracker(tracker, frames, box, on_frame=None):
+def image_size(image):
+    """(width, height) of a PIL image or an (H, W, ...) array; None for anything else."""
+    if isinstance(image, Image.Image):
+        return image.size
+    return (image.shape[1], image.shape[0]) if isinstance(image, np.ndarray) else None
+
+
+def run_tracker(tracker, frames, box, on_frame=None, name=None, box_from=None):
     """Track through an iterable of images from `box` (x, y, w, h) in the first.
 
     A frame may be None (it could not be decoded): its box is the previous one and the network skips it.
+    A frame of another size than the one before it: the tracker's box is rescaled with it (warned once).
     `on_frame(i, image, box)`, if given, sees every frame and its box (to draw, save, report progress);
     its time is left out of the total, which counts decoding, cropping, the network and box decoding.
+    name: the input, for warnings; box_from: where the box came from (`--box 1,2,3,4`), for errors.
     Returns (boxes (N, 4) with the given box first, seconds in total, seconds in the network).
     """
     start, outside = time.perf_counter(), 0.0          # outside: seconds spent in on_frame
     tracker.model_seconds = 0.0
     box = tuple(float(v) for v in box)                 # plain floats, so error messages read (x, y, w, h)
-    boxes = []
+    boxes, size, resized = [], None, False             # size: (W, H) of the last decoded frame
     for i, image in enumerate(frames):
         if i == 0:
             if image is None:
                 raise BadInput("the first frame could not be decoded")
             try:
                 tracker.init(image, box)
-            except ValueError as e:                    # zero-size box, or a box outside the image
-                raise BadInput(str(e)) from None
+            except ValueError as e:                    # not finite, zero-size, outside the image, absurdly large
+                raise BadInput(f"{box_from}: {e}" if box_from else str(e)) from None
             boxes.append(np.array(box))
+            size = image_size(image)
+        elif image is None:
+            boxes.append(boxes[-1])
         else:
-            boxes.append(boxes[-1] if image is None else np.asarray(tracker.update(image), float))
+            new = image_size(image)
+            if size and new and new != size:           # keep the box in the coordinates of the new frames
+                if not resized:
+                    warn(f"{name + ': ' if name else ''}frame {i + 1} is {new[0]}x{new[1]}, earlier frames were "
+                         f"{size[0]}x{size[1]}; the box is rescaled to the new size")
+                tracker.rescale(new[0] / size[0], new[1] / size[1])
+                size, resized = new, True
+            boxes.append(np.asarray(tracker.update(image), float))
         if on_frame is not None:
             t = time.perf_counter()
             on_frame(i, image, boxes[-1])
@@ -288,7 +336,7 @@ def draw_boxes(image, box, gt=None):
     """Draw the prediction (red) and, where known, the ground truth (green) on `image`, in place."""
     draw = ImageDraw.Draw(image)
     width = max(2, image.width // 200)                 # lines stay visible on large frames
-    if gt is not None and np.isfinite(gt).all():
+    if gt is not None and np.isfinite(gt).all() and gt[2] > 0 and gt[3] > 0:     # as scored: no empty boxes
         x, y, w, h = gt
         draw.rectangle([x, y, x + w, y + h], outline=(0, 220, 0), width=max(1, width // 2))
     x, y, w, h = box
@@ -332,38 +380,61 @@ class Saver:
             self.container.close()
 
 
-def plot_curves(path, success, precision, label="PNTrack"):
+PLOT_COLOURS = ((220, 30, 30), (40, 90, 220), (130, 130, 130), (30, 150, 60), (150, 60, 170), (230, 140, 20),
+                (0, 160, 170))                 # curve colours in order: the first (ours) is red
+
+
+def draw_plot(draw, rect, curves, x_range, y_range, title, x_label, legend="bottom left"):
+    """One line plot drawn with Pillow (no matplotlib): a frame, 6 labelled ticks per axis, a polyline per curve.
+
+    rect: (left, top, right, bottom) of the plot area in image px; curves: [(label, xs, ys)], coloured in
+    PLOT_COLOURS order; a label None gets no legend entry. legend: "bottom left" | "bottom right" | "top right".
+    """
+    left, top, right, bottom = rect
+    (x0, x1), (y0, y1) = x_range, y_range
+
+    def at(x, y):                                  # data (x, y) -> image px
+        return left + (right - left) * (x - x0) / (x1 - x0), bottom - (bottom - top) * (y - y0) / (y1 - y0)
+
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for i in range(6):                             # 6 ticks per axis, labelled
+        (tx, _), (_, ty) = at(x0 + (x1 - x0) * i / 5, y0), at(x0, y0 + (y1 - y0) * i / 5)
+        draw.line([tx, bottom, tx, bottom + 4], fill="black")
+        draw.text((tx, bottom + 6), f"{x0 + (x1 - x0) * i / 5:.3g}", fill="black", anchor="ma")
+        draw.line([left - 4, ty, left, ty], fill="black")
+        draw.text((left - 6, ty), f"{y0 + (y1 - y0) * i / 5:.3g}", fill="black", anchor="rm")
+    draw.text(((left + right) / 2, top - 22), title, fill="black", anchor="ma")
+    draw.text(((left + right) / 2, bottom + 30), x_label, fill="black", anchor="ma")
+    labelled = [(label, c) for (label, _, _), c in zip(curves, PLOT_COLOURS) if label is not None]
+    width = max([draw.textlength(label) for label, _ in labelled] + [0])
+    lx = left + 10 if legend == "bottom left" else right - 44 - width
+    for (label, xs, ys), colour in zip(curves, PLOT_COLOURS):
+        draw.line([at(x, y) for x, y in zip(xs, ys)], fill=colour, width=2)
+    for i, (label, colour) in enumerate(labelled):  # stacked away from the legend's corner
+        ly = top + 14 + 16 * i if legend == "top right" else bottom - 18 - 16 * (len(labelled) - 1 - i)
+        draw.line([lx, ly, lx + 24, ly], fill=colour, width=2)
+        draw.text((lx + 30, ly), label, fill="black", anchor="lm")
+
+
+CURVE_LABEL, STATIC_LABEL = "PNTrack", "static first box"     # --plot: the tracker and the box that never moves
+
+
+def plot_curves(path, curves):
     """OTB success and precision plots side by side in one image, drawn with Pillow (no matplotlib).
 
-    success: (21,) share of frames with IoU > t, t = 0, 0.05, ..., 1 (AUC = its mean);
-    precision: (51,) share of frames with centre error <= t px, t = 0, ..., 50 (the score is t = 20).
+    curves: [(label, success, precision)], e.g. the tracker and the static first box; success: (21,) share of
+    frames with IoU > t, t = 0, 0.05, ..., 1 (AUC = its mean); precision: (51,) share of frames with centre
+    error <= t px, t = 0, ..., 50 (the score is t = 20).
     """
     W, H, m = 440, 360, 52                             # one panel's size and its left/bottom margin, px
     image = Image.new("RGB", (2 * W, H), "white")
     draw = ImageDraw.Draw(image)
-    panels = [(IOU_THRESHOLDS, success, 1.0, "Success plot", "overlap threshold", f"AUC {100 * success.mean():.1f}"),
-              (PIXEL_THRESHOLDS, precision, 50.0, "Precision plot", "location error threshold (px)",
-               f"20 px {100 * precision[20]:.1f}")]
-    for k, (xs, ys, x_max, title, x_label, score) in enumerate(panels):
-        left, top, right, bottom = k * W + m, 30, (k + 1) * W - 16, H - m   # plot area, image px
-
-        def at(x, y):                                  # data (x, y) -> image px; y is a share in [0, 1]
-            return left + (right - left) * x / x_max, bottom - (bottom - top) * y
-
-        draw.rectangle([left, top, right, bottom], outline="black")
-        for i in range(6):                             # 6 ticks per axis, labelled
-            (tx, _), (_, ty) = at(x_max * i / 5, 0), at(0, i / 5)
-            draw.line([tx, bottom, tx, bottom + 4], fill="black")
-            draw.text((tx, bottom + 6), f"{x_max * i / 5:g}", fill="black", anchor="ma")
-            draw.line([left - 4, ty, left, ty], fill="black")
-            draw.text((left - 6, ty), f"{i / 5:g}", fill="black", anchor="rm")
-        draw.text(((left + right) / 2, 8), title, fill="black", anchor="ma")
-        draw.text(((left + right) / 2, H - 22), x_label, fill="black", anchor="ma")
-        draw.line([at(x, y) for x, y in zip(xs, ys)], fill=(220, 30, 30), width=2)
-        # legend in the corner the curve leaves free: bottom left for success, bottom right for precision
-        lx = left + 10 if k == 0 else right - 190
-        draw.line([lx, bottom - 18, lx + 24, bottom - 18], fill=(220, 30, 30), width=2)
-        draw.text((lx + 30, bottom - 18), f"{label} [{score}]", fill="black", anchor="lm")
+    success = [(f"{label} [AUC {100 * s.mean():.1f}]", IOU_THRESHOLDS, s) for label, s, _ in curves]
+    precision = [(f"{label} [20 px {100 * p[20]:.1f}]", PIXEL_THRESHOLDS, p) for label, _, p in curves]
+    # legends in the corner the curves leave free: bottom left for success, bottom right for precision
+    draw_plot(draw, (m, 30, W - 16, H - m), success, (0, 1), (0, 1), "Success plot", "overlap threshold")
+    draw_plot(draw, (W + m, 30, 2 * W - 16, H - m), precision, (0, 50), (0, 1), "Precision plot",
+              "location error threshold (px)", legend="bottom right")
     make_parent(path)
     image.save(path)
 
@@ -392,8 +463,10 @@ def parse_args(argv):
     p.add_argument("--out", help="result file, one x,y,w,h line per frame (the given box first); "
                                  "for a dataset root a folder: OUT/<sequence>.txt")
     p.add_argument("--save", help="write the frames with the box drawn to FILE.mp4 or FILE.gif")
-    p.add_argument("--plot", help="draw the success and precision plots into FILE.png (needs ground truth)")
-    p.add_argument("--ckpt", help=f"checkpoint written by train.py (default: {DEFAULT_CKPT})")
+    p.add_argument("--plot", help="draw the success and precision plots into FILE.png, the tracker next to the "
+                                  "static first box (needs ground truth)")
+    p.add_argument("--ckpt", help=f"checkpoint written by train.py (default: {DEFAULT_CKPT} if it exists, "
+                                  f"else the shipped weights assets/pntrack-tiny.pt)")
     p.add_argument("--config", choices=list(pntrack.PRESETS),
                    help="use an UNTRAINED network of this preset instead of a checkpoint (smoke runs, speed)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
@@ -414,14 +487,18 @@ def load_network(args):
             raise BadInput("--ckpt and --config: give one (--config means an untrained network)")
         warn(f"--config {args.config}: the network is UNTRAINED (random weights); boxes are meaningless")
         return pntrack.PNTrack(pntrack.make_config(args.config))
-    path = args.ckpt or DEFAULT_CKPT
+    # your own training run wins; otherwise the weights shipped with the repo (README: how they were made)
+    path = args.ckpt or (DEFAULT_CKPT if os.path.isfile(DEFAULT_CKPT) else SHIPPED_CKPT)
+    how = (f"train one with `python train.py` (writes {DEFAULT_CKPT} in ~10 min on a CPU), "
+           f"or pass --ckpt PATH")
     if not os.path.isfile(path):
-        raise BadInput(f"{path}: no such checkpoint; train one with `python train.py` (writes {DEFAULT_CKPT} "
-                       f"in ~10 min on a CPU), or pass --ckpt PATH")
+        raise BadInput(f"{path}: no such checkpoint; {how}")
     try:
-        return pntrack.load_checkpoint(path)
+        net = pntrack.load_checkpoint(path)
     except ValueError as e:                            # its message names the file: not a checkpoint
-        raise BadInput(str(e)) from None
+        raise BadInput(f"{e}; {how}" if path == SHIPPED_CKPT else str(e)) from None
+    print(f"checkpoint: {path}" + (" (the shipped weights)" if path == SHIPPED_CKPT else ""))
+    return net
 
 
 def open_sequence(path, box_text, limit):
@@ -430,7 +507,16 @@ def open_sequence(path, box_text, limit):
     gt: (N, 4) ground truth or None; box: the first box (--box, else the first ground-truth line).
     """
     name = os.path.basename(os.path.abspath(path))
-    gt = None
+    gt, no_box = None, f"--box x,y,w,h is needed for {path} (it has no groundtruth.txt to start from)"
+    # the box's numbers are checked before any file is opened; whether it fits the image, at the first frame
+    if box_text:
+        box_from = f"--box {box_text}"
+        try:
+            box = parse_box(box_text, box_from)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+    elif not os.path.isdir(path):                      # only a sequence folder has a first box of its own
+        raise BadInput(no_box)
     if os.path.isdir(path):
         files = list_frames(path)
         gt_file = find_box_file(path)
@@ -447,12 +533,16 @@ def open_sequence(path, box_text, limit):
         files = files[:limit]
         frames, n, fps = image_frames(files), len(files), 30
     elif path.lower().endswith(".gif"):
+        gif = None
         try:
             gif = Image.open(path)
-        except (OSError, SyntaxError, ValueError) as e:
+            n = getattr(gif, "n_frames", 1)            # counting the frames reads the whole file
+        except PIL_ERRORS as e:
+            if gif is not None:
+                gif.close()
             raise BadInput(f"{path}: cannot open as a GIF ({e})") from None
         name = os.path.splitext(name)[0]
-        n, ms = getattr(gif, "n_frames", 1), max(gif.info.get("duration") or 100, 10)   # ms per frame
+        ms = max(gif.info.get("duration") or 100, 10)  # ms per frame
         # (browsers also treat GIF delays under 10 ms as 100 ms; we only keep the rate sane for --save)
         frames, fps = gif_frames(gif, path), 1000 / ms
     elif path.lower().endswith(IMAGE_EXT):
@@ -463,18 +553,18 @@ def open_sequence(path, box_text, limit):
         frames, n, fps = video_frames(container, stream, path), stream.frames or None, stream.average_rate or 30
     if limit and n:
         n = min(n, limit)
-    if box_text:
+    if not box_text:                                   # a sequence folder: its first ground-truth line
+        if gt is None:
+            raise BadInput(no_box)
+        box, box_from = gt[0], f"{os.path.basename(gt_file)}, first line"     # errors name the folder too
         try:
-            box = parse_box(box_text, f"--box {box_text}")
+            pntrack.check_box(box)
         except ValueError as e:
-            raise BadInput(str(e)) from None
-    elif gt is not None:
-        box = gt[0]
-    else:
-        raise BadInput(f"--box x,y,w,h is needed for {path} (it has no groundtruth.txt to start from)")
+            raise BadInput(f"{gt_file}, first line: {e}") from None
     if gt is not None:
         gt = gt[:limit] if len(gt) > 1 else None
-    return dict(name=name, frames=itertools.islice(frames, limit), n=n, gt=gt, box=box, fps=fps)
+    return dict(name=name, frames=itertools.islice(frames, limit), n=n, gt=gt, box=box, fps=fps,
+                box_from=box_from)
 
 
 def track_sequence(tracker, seq, path, save=None):
@@ -498,7 +588,7 @@ def track_sequence(tracker, seq, path, save=None):
                   file=sys.stderr)
 
     try:
-        boxes, total, model = run_tracker(tracker, seq["frames"], seq["box"], on_frame)
+        boxes, total, model = run_tracker(tracker, seq["frames"], seq["box"], on_frame, path, seq.get("box_from"))
     except BadInput as e:
         raise BadInput(f"{path}: {e}") from None
     finally:
@@ -570,8 +660,10 @@ def track_one(args):
     if seq["gt"] is not None:
         scores = evaluate(np.round(boxes, 2), seq["gt"][:len(boxes)])    # rounded: the scores of the file
         print(f"{seq['name']}: {format_scores(scores)}")
-        if args.plot:
-            plot_curves(args.plot, scores["success_curve"], scores["precision_curve"])
+        if args.plot:                                  # next to the baseline that never moves the first box
+            static = evaluate(np.repeat(boxes[:1], len(boxes), 0), seq["gt"][:len(boxes)])
+            plot_curves(args.plot, [(CURVE_LABEL, scores["success_curve"], scores["precision_curve"]),
+                                    (STATIC_LABEL, static["success_curve"], static["precision_curve"])])
             print(f"wrote {args.plot}")
     print(speed_line(len(boxes), total, model, seen, tracker))
 
@@ -603,6 +695,7 @@ def track_dataset(args):
             print(f"{seq['name']:<{width}} {len(boxes):>6}  (no ground truth beyond the first box)")
             continue
         s = evaluate(np.round(boxes, 2), seq["gt"][:len(boxes)])
+        s["static"] = evaluate(np.repeat(boxes[:1], len(boxes), 0), seq["gt"][:len(boxes)])   # for --plot
         rows.append(s)
         print(f"{seq['name']:<{width}} {len(boxes):>6} " + " ".join(f"{100 * s[k]:7.1f}" for k in SCORES)
               + f" {len(boxes) / t:7.1f}", flush=True)
@@ -611,7 +704,9 @@ def track_dataset(args):
         print(f"{f'mean ({len(rows)} sequences)':<{width}} {n_frames:>6} "
               + " ".join(f"{100 * mean[k]:7.1f}" for k in SCORES) + f" {n_frames / total:7.1f}")
         if args.plot:
-            plot_curves(args.plot, mean["success_curve"], mean["precision_curve"])
+            static = {k: np.mean([r["static"][k] for r in rows], 0) for k in ("success_curve", "precision_curve")}
+            plot_curves(args.plot, [(CURVE_LABEL, mean["success_curve"], mean["precision_curve"]),
+                                    (STATIC_LABEL, static["success_curve"], static["precision_curve"])])
             print(f"wrote {args.plot}")
     elif args.plot:
         warn(f"--plot {args.plot}: no sequence has ground truth beyond its first box; nothing to plot")

@@ -9,13 +9,15 @@ Writes OUT/pntrack.pt (weights + config, what track.py loads) and OUT/last.pt (o
 DCA); this file is data, the loop and the evaluation. Data layouts: see `find_sequences`.
 """
 import argparse
+import copy
 import functools
 import math
 import os
+import re
 import sys
 import time
-import warnings
 from collections import OrderedDict
+from dataclasses import replace
 
 import av
 import numpy as np
@@ -177,10 +179,13 @@ def read_first_box(path):
 
     Later lines are never read (training uses the first-frame box only, Init.BBox supervision).
     """
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                return pntrack.xywh_to_cxcywh(track.parse_box(line, f"{path}:{i}"))
+    try:
+        with open(path) as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():      # parse_box checks the numbers: finite, w and h > 0
+                    return pntrack.xywh_to_cxcywh(track.parse_box(line, f"{path}:{i}"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file of boxes (it holds bytes that are not text)") from None
     raise ValueError(f"{path}: no box in the file")
 
 
@@ -195,12 +200,21 @@ class FrameSequence:
     """Frames in a folder (or in its img/ or color/), first box from a box file."""
     def __init__(self, name, frames, box_file):
         self.name, self.frames, self.first_box = name, frames, read_first_box(box_file)
+        self.resized = False            # a frame of another size than frame 0 was seen (and warned about)
 
     def __len__(self):
         return len(self.frames)
 
     def frame(self, i):
-        return load_image(self.frames[i])
+        image = load_image(self.frames[i])
+        size = load_image(self.frames[0]).size
+        if image.size != size:          # resized to frame 0's size, so the first box keeps its meaning
+            if not self.resized:
+                track.warn(f"{self.frames[i]}: frame {i + 1} is {image.width}x{image.height}, frame 1 is "
+                           f"{size[0]}x{size[1]}; such frames are resized to {size[0]}x{size[1]}")
+                self.resized = True
+            image = image.resize(size, Image.BILINEAR)
+        return image
 
 
 class VideoSequence:
@@ -225,14 +239,17 @@ class VideoSequence:
     def _frames(self):
         if self.path not in self.cache:
             frames = []
-            with av.open(self.path) as c:
-                for i, f in enumerate(c.decode(video=0)):
-                    im = f.to_image()
-                    if i > 0:
-                        im.thumbnail((self.frame_size, self.frame_size))
-                    frames.append(im)
-                    if len(frames) >= self.max_frames:
-                        break
+            try:
+                with av.open(self.path) as c:
+                    for i, f in enumerate(c.decode(video=0)):
+                        im = f.to_image()
+                        if i > 0:
+                            im.thumbnail((self.frame_size, self.frame_size))
+                        frames.append(im)
+                        if len(frames) >= self.max_frames:
+                            break
+            except av.FFmpegError as e:        # a broken file: the frames before the break are kept
+                track.warn(f"{self.path}: decoding stopped after frame {len(frames)} ({e.strerror or e})")
             if not frames:
                 raise ValueError(f"{self.path}: no frame could be decoded")
             self.cache[self.path] = frames
@@ -272,10 +289,10 @@ def find_sequences(root, cfg):
         try:
             seq = make()
             im = seq.frame(0)
-            cx, cy, w, h = seq.first_box
-            if not (w > 0 and h > 0) or cx + w / 2 <= 0 or cy + h / 2 <= 0 or cx - w / 2 >= im.width or cy - h / 2 >= im.height:
-                raise ValueError(f"{where}: first box {tuple(np.round(pntrack.cxcywh_to_xywh(seq.first_box), 1))} "
-                                 f"is empty or outside the {im.width}x{im.height} first frame")
+            try:              # the tracker's own check: overlapping the first frame, not absurdly large
+                pntrack.check_box(pntrack.cxcywh_to_xywh(seq.first_box), im.width, im.height)
+            except ValueError as e:
+                raise ValueError(f"{where}: first {e}") from None
             found.append(seq)
         except (ValueError, OSError) as e:
             problems.append(str(e))
@@ -347,14 +364,44 @@ def augmented_view(image, box, cfg, rng, size, factor, jitter=True):
     return np.asarray(crop), target
 
 
+def random_instance(image, rng, tries=4):
+    """A random box (cx, cy, w, h) in an image: side 8-35% of the shorter image side, aspect 1:2..2:1; of
+    `tries` candidates the most textured (highest grey-level std), so flat sky or water is rarely picked.
+    Self-supervised trackers that follow random patches (UDT, Wang et al. CVPR 2019) use such boxes as objects."""
+    W, H = image.size
+    grey = np.asarray(image.convert("L").reduce(4), np.float32)          # texture measured at 1/4 size
+    best, best_std = None, -1.0
+    for _ in range(tries):
+        side, aspect = rng.uniform(0.08, 0.35) * min(W, H), math.exp(rng.uniform(-0.7, 0.7))
+        w, h = min(side * math.sqrt(aspect), W * 0.9), min(side / math.sqrt(aspect), H * 0.9)
+        box = np.array([rng.uniform(w / 2, W - w / 2), rng.uniform(h / 2, H - h / 2), w, h])
+        x0, y0 = int((box[0] - w / 2) / 4), int((box[1] - h / 2) / 4)
+        patch = grey[y0:y0 + max(1, int(h / 4)), x0:x0 + max(1, int(w / 4))]
+        if patch.size and patch.std() > best_std:
+            best, best_std = box, float(patch.std())
+    return best
+
+
 def make_sample(seq, cfg, rng):
     """(template (3, Sz, Sz), frames (n_fwd, 3, L, L), views (n_bwd, 3, Sx, Sx), targets (n_bwd, 4), originals)
-    uint8 / float tensors; originals = {"box": first box (cx, cy, w, h) px, "frames": the n_fwd full-size frames}."""
-    f0, b0 = seq.frame(0), seq.first_box
+    uint8 / float tensors; originals = {"box": first box (cx, cy, w, h) px, "frames": the n_fwd full-size frames}.
+
+    With probability cfg.extra_instances (ours, DESIGN §6) the sample starts instead at a random frame s of the
+    sequence, on a random textured box (`random_instance`): every frame becomes a first frame, so a few videos
+    give many instances. Its forward frames lie within max_gap of s, nearest first (either side of s).
+    """
+    start = 0
+    if cfg.extra_instances > 0 and len(seq) > 1 and rng.random() < cfg.extra_instances:
+        start = int(rng.integers(len(seq)))
+        f0 = seq.frame(start)
+        b0 = random_instance(f0, rng)
+    else:
+        f0, b0 = seq.frame(0), seq.first_box
     template, _ = pntrack.crop_image(f0, b0, cfg.template_factor, cfg.template_size)
-    if len(seq) > 1:     # n_fwd later frames within max_gap, in time order
-        hi = min(len(seq) - 1, cfg.max_gap)
-        idx = np.sort(rng.choice(np.arange(1, hi + 1), cfg.n_fwd, replace=hi < cfg.n_fwd))
+    if len(seq) > 1:     # n_fwd other frames within max_gap of the start, nearest first (in time order for s = 0)
+        near = np.array([i for i in range(max(0, start - cfg.max_gap), min(len(seq), start + cfg.max_gap + 1)) if i != start])
+        idx = rng.choice(near, cfg.n_fwd, replace=len(near) < cfg.n_fwd)
+        idx = idx[np.argsort(np.abs(idx - start), kind="stable")]
         full = [seq.frame(int(i)) for i in idx]
     else:                # a still image: its forward "frames" are shifted and scaled copies of itself
         full = []
@@ -366,6 +413,10 @@ def make_sample(seq, cfg, rng):
             full.append(f0.transform(f0.size, Image.AFFINE, sum(affine, []), Image.BILINEAR))
     frames = [letterbox(im, cfg.frame_size) for im in full]
     views, targets = zip(*(augmented_view(f0, b0, cfg, rng, cfg.search_size, cfg.search_factor) for _ in range(cfg.n_bwd)))
+    # NaN, inf or absurd view targets (a sub-pixel first box) would make the loss NaN: CycleData drops the sequence
+    if not (np.abs(targets) < 1e3).all():
+        raise ValueError(f"first box {pntrack.format_box(pntrack.cxcywh_to_xywh(b0))} gives view targets that "
+                         f"are not finite numbers (is it smaller than a pixel?)")
 
     def chw(images):                 # (..., H, W, 3) uint8 -> (..., 3, H, W) tensor
         return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(images), -1, -3)))
@@ -392,13 +443,15 @@ class CycleData(torch.utils.data.Dataset):
     def __getitem__(self, i):
         rng = np.random.default_rng([self.seed, self.epoch, i])
         for _ in range(100):
+            if self.cfg.mix_generated > 0 and rng.random() < self.cfg.mix_generated:   # ours: some generated clips
+                return make_sample(GeneratedVideo(int(rng.integers(10 ** 9))), self.cfg, rng)
             k = int(rng.integers(len(self.sequences)))
             if k in self.bad:
                 continue
             try:
                 return make_sample(self.sequences[k], self.cfg, rng)
             except (ValueError, OSError) as e:
-                warnings.warn(f"skipping sequence {self.sequences[k].name}: {e}")
+                track.warn(f"skipping sequence {self.sequences[k].name}: {e}")     # a line, not a Python warning
                 self.bad.add(k)
         raise RuntimeError("no readable sequence left in the training data")
 
@@ -434,7 +487,8 @@ def evaluate_tracker(net, clips, device):
     ours, static = [], []
     for clip in clips:
         gt = np.stack([clip.box(t) for t in range(len(clip))])
-        boxes, _, _ = track.run_tracker(tracker, (clip.frame(t) for t in range(len(clip))), gt[0])
+        boxes, _, _ = track.run_tracker(tracker, (clip.frame(t) for t in range(len(clip))), gt[0],
+                                        name=getattr(clip, "name", None))
         ours.append(track.evaluate(boxes, gt)["auc"])
         static.append(track.evaluate(np.repeat(gt[:1], len(gt), 0), gt)["auc"])
     return float(np.mean(ours)), float(np.mean(static)), ours, static
@@ -446,15 +500,54 @@ class LabelledSequence:
         self.name, self.frames, self.gt = os.path.basename(folder), track.list_frames(folder), track.read_boxes(box_file)
         if len(self.gt) < len(self.frames):
             raise ValueError(f"{box_file}: {len(self.gt)} boxes for {len(self.frames)} frames")
+        try:                            # the box the tracker starts from, checked as track.py checks it
+            pntrack.check_box(self.gt[0], *load_image(self.frames[0]).size)
+        except ValueError as e:
+            raise ValueError(f"{box_file}, first line: {e}") from None
 
     def __len__(self):
         return len(self.frames)
 
     def frame(self, t):
-        return load_image(self.frames[t])
+        try:
+            return load_image(self.frames[t])
+        except ValueError as e:         # a broken later frame: the tracker repeats its box there
+            track.warn(f"{e}; repeating the last box")
+            return None
 
     def box(self, t):
         return self.gt[t]
+
+
+# The real-data split (README "Real video"): chosen once, by name, before any sequence was scored.
+TEST_SEQUENCES = ("otb_Crossing", "otb_Girl", "vot15_bag")      # ../shared/data/sequences: never trained on
+
+
+def real_split(root):
+    """ROOT = ../shared/data -> {"train": [...], "val": [...], "test": [...]} sequence folders. Rule: sort the
+    names in ROOT/pool; every 4th (indices 3, 7, 11, ...) is validation, the rest trains; of ROOT/sequences the
+    three TEST_SEQUENCES are the test set and the other five train."""
+    def folders(sub):
+        d = os.path.join(root, sub)
+        return sorted(os.path.join(d, n) for n in os.listdir(d) if os.path.isdir(os.path.join(d, n))) if os.path.isdir(d) else []
+    pool, dev = folders("pool"), folders("sequences")
+    if not pool and not dev:
+        raise ValueError(f"--make-split: {root} has neither pool/ nor sequences/ folders of sequences")
+    val = pool[3::4]
+    test = [f for f in dev if os.path.basename(f) in TEST_SEQUENCES]
+    train = [f for f in pool if f not in val] + [f for f in dev if f not in test]
+    return {"train": train, "val": val, "test": test}
+
+
+def make_split(root, out):
+    """Symlink the split's folders into OUT/train, OUT/val, OUT/test (the data itself is never copied)."""
+    for part, folders in real_split(root).items():
+        os.makedirs(os.path.join(out, part), exist_ok=True)
+        for f in folders:
+            link = os.path.join(out, part, os.path.basename(f))
+            if not os.path.lexists(link):
+                os.symlink(os.path.abspath(f), link)
+        print(f"{os.path.join(out, part)}: {len(folders)} sequences")
 
 
 def find_val_sequences(root):
@@ -463,10 +556,328 @@ def find_val_sequences(root):
         subdirs.sort()
         box_file = track.find_box_file(folder)
         if box_file and track.list_frames(folder):
-            out.append(LabelledSequence(folder, box_file))
+            try:
+                out.append(LabelledSequence(folder, box_file))
+            except (ValueError, OSError) as e:       # one bad sequence is skipped, not the end of the run
+                track.warn(f"--val: skipping {e}")
     if not out:
         raise ValueError(f"--val {root}: no sequence folders (frames + groundtruth.txt) found")
     return out
+
+
+# -----------------------------------------------------------------------------
+# Explain: figures of one training step. `python train.py --explain DIR` runs one prompt-mode and one
+# noise-mode cycle on a small batch with `SelfSupervised.record` switched on and draws the tensors the code
+# computed in that step (nothing is re-derived for the pictures): cycle.png, prompt.png, noise.png; then
+# curves.png from a train.log, and tracking.gif: the inference Tracker on a held-out generated clip. Pillow only.
+
+# a colour map for heat maps, dark to bright (black, purple, red, orange, pale yellow: like matplotlib's inferno)
+HEAT_COLOURS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
+GREEN, RED, CYAN = (0, 220, 0), (255, 40, 40), (0, 230, 255)      # target, prediction, chosen token cells
+
+
+def to_picture(image):
+    """A normalised (3, S, S) network input -> the RGB picture the network saw (PIL)."""
+    mean = torch.tensor(pntrack.IMAGENET_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(pntrack.IMAGENET_STD).view(3, 1, 1) * 255
+    rgb = (image.float().cpu() * std + mean).clamp(0, 255).round().byte()       # (3, S, S) uint8
+    return Image.fromarray(rgb.permute(1, 2, 0).numpy())
+
+
+def heat(values, under):
+    """A map over the G x G search grid ((G*G,) or (1, G, G)) -> a picture the size of `under`: scaled to
+    [0, its max], coloured, upsampled with nearest neighbour (one square per token), over `under` in grey."""
+    v = values.float().cpu().reshape(-1).numpy()
+    G = math.isqrt(len(v))
+    pos = (v / max(float(v.max()), 1e-12) * (len(HEAT_COLOURS) - 1)).reshape(G, G)   # (G, G) in [0, 4]
+    i = np.minimum(pos.astype(int), len(HEAT_COLOURS) - 2)
+    rgb = HEAT_COLOURS[i] + (HEAT_COLOURS[i + 1] - HEAT_COLOURS[i]) * (pos - i)[..., None]   # (G, G, 3)
+    im = Image.fromarray(rgb.astype(np.uint8)).resize(under.size, Image.NEAREST)
+    return Image.blend(under.convert("L").convert("RGB"), im, 0.75)
+
+
+def draw_box(image, box, colour):
+    """Draw a normalised (cx, cy, w, h) box on a square picture, in place; returns the picture."""
+    x1, y1, x2, y2 = (pntrack.cxcywh_to_xyxy(torch.as_tensor(box).float().cpu()) * image.width).tolist()
+    ImageDraw.Draw(image).rectangle([x1, y1, x2, y2], outline=colour, width=2)
+    return image
+
+
+def outline_cells(image, cells, G, colour=CYAN):
+    """Outline cells of the G x G search grid given by flat row-major indices (as topk_gather and box_mask
+    count them), in place; returns the picture."""
+    c, draw = image.width / G, ImageDraw.Draw(image)
+    for j in cells.tolist():
+        row, col = divmod(j, G)
+        draw.rectangle([col * c, row * c, (col + 1) * c - 1, (row + 1) * c - 1], outline=colour, width=2)
+    return image
+
+
+def sheet(title, rows, col=150, caption=30):
+    """Lay out a figure: `rows` of (picture or text, caption) cells under a `title`. Pictures are centred in
+    columns `col` px wide, below their caption (two lines at most); a text cell is written as it is."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size(cell):                                      # (width, height) a cell takes
+        if isinstance(cell, Image.Image):
+            return col, cell.height
+        return max(measure.textlength(s) for s in cell.split("\n")) + 10, 12 * (cell.count("\n") + 1)
+    top = 16 + 12 * (title.count("\n") + 1)
+    heights = [caption + max(size(c)[1] for c, _ in row) + 12 for row in rows]
+    image = Image.new("RGB", (int(max(sum(size(c)[0] for c, _ in row) for row in rows)) + 20, top + sum(heights)), "white")
+    draw = ImageDraw.Draw(image)
+    draw.multiline_text((10, 8), title, fill="black", spacing=2)
+    y = top
+    for row, h in zip(rows, heights):
+        x = 10
+        for cell, text in row:
+            draw.multiline_text((x, y), text, fill="black", spacing=2)
+            if isinstance(cell, Image.Image):
+                image.paste(cell, (int(x + (col - 16 - cell.width) / 2), y + caption))
+            else:
+                draw.multiline_text((x, y + caption), cell, fill="black", spacing=2)
+            x += size(cell)[0]
+        y += h
+    return image
+
+
+def save_small(image, path):
+    """PNG with a 256-colour palette: a third of the size of RGB for these textured pictures."""
+    image.quantize(256, dither=Image.Dither.NONE).save(path, optimize=True)
+
+
+def cycle_figure(rec, batch, first, cfg, samples, title):
+    """The cycle of `samples`: first frame and box, forward frames with their predicted boxes, the templates
+    cut there, the backward views with target and prediction, and each sample's loss terms."""
+    _, _, views, targets = batch
+    steps = rec["steps"]
+    fwd, bwd = steps[:cfg.n_fwd], steps[cfg.n_fwd:]               # the order the cycle ran its steps in
+    where = "whole frame" if cfg.forward_search == "global" else "search crop"
+    rows = []
+    for b in samples:
+        frame, box = first[b]                                    # full first frame, its box (cx, cy, w, h) px
+        s = cfg.search_size / max(frame.size)
+        f0 = Image.fromarray(letterbox(frame, cfg.search_size))
+        draw_box(f0, torch.as_tensor(box) * s / cfg.search_size, GREEN)
+        top = [(f0, f"sample {b}: first frame f0\nand its box (the only label)")]
+        top += [(draw_box(to_picture(st["x"][b]), st["box"][b], RED), f"forward {t + 1}: {where}\npredicted box (no loss)")
+                for t, st in enumerate(fwd)]
+        text, bottom = [], [(to_picture(fwd[0]["z"][b, 0]), "template z0\n(forward's template)")]
+        bottom += [(to_picture(bwd[0]["z"][b, t]), f"template z{t + 1}: cut at\nforward {t + 1}'s box")
+                   for t in range(cfg.n_fwd)]
+        for v, st in enumerate(bwd):
+            total, focal, giou, l1 = pntrack.track_loss(st["score"][b:b + 1], st["size"][b:b + 1], st["offset"][b:b + 1],
+                                                        targets[b:b + 1, v])
+            iou = pntrack.box_iou(st["box"][b], targets[b, v])[0].item()
+            view = draw_box(draw_box(to_picture(pntrack.normalize(views[b, v])), targets[b, v], GREEN), st["box"][b], RED)
+            ctx = f"{int(st['n_ctx'])} context tokens" if st["n_ctx"] else "no context"
+            top.append((view, f"backward view {v + 1}: target green\n{ctx}, IoU {iou:.2f}"))
+            bottom.append((heat(st["score"][b], view.resize((64, 64))), f"view {v + 1}: score map C"))
+            text.append(f"view {v + 1}: {total.item():.2f} = focal {focal.item():.2f} + 2 x GIoU {giou.item():.2f}"
+                        f"\n          + 5 x L1 {l1.item():.3f}; IoU {iou:.2f}")
+        terms = dict(zip(pntrack.TERMS, rec["terms"].tolist()))
+        text.append(f"batch: contrast {terms['contrast']:.2f}, noise decoder {terms['noise']:.2f}, "
+                    f"loss {terms['loss']:.2f}")
+        rows += [top, bottom + [("\n".join(text), f"sample {b}'s tracking loss L = sum over views")]]
+    return sheet(title, rows)
+
+
+def prompt_figure(rec, cfg, b, title):
+    """Prompt mode, sample b, one row per forward step: the search image, a, C, s = a * C and the top-Kt cells
+    -- exactly the indices kernels.topk_gather returned in that step (record "prompt_idx")."""
+    G, rows = math.isqrt(rec["steps"][0]["feats"].shape[1]), []
+    for t, st in enumerate(rec["steps"][:cfg.n_fwd]):
+        x, cells = to_picture(st["x"][b]), st["prompt_idx"][b]
+        to = f"forward step {t + 2}" if t + 1 < cfg.n_fwd else "backward views 2..n"
+        row = [(outline_cells(draw_box(x.copy(), st["box"][b], RED), cells, G),
+                f"forward {t + 1} search, box red\n{int(st['n_ctx'])} prompts in (context)")]
+        if "a" in st:
+            row.append((heat(st["a"][b], x), f"a: template->search attn.\n(last block, mean of heads)"))
+        row += [(heat(st["score"][b], x), "C: class (score) map"),
+                (outline_cells(heat(st["s"][b], x), cells, G), f"s = a x C, the top {len(cells)}\ncells: prompts")]
+        row.append((f"the {len(cells)} search tokens under the\ncyan cells, detached, are the\ncontext of {to}",
+                    f"cells {sorted(cells.tolist())}"))
+        rows.append(row)
+    return sheet(title, rows)
+
+
+def noise_figure(rec, cfg, receivers, title):
+    """Noise mode: for sample i, the other sequence's last forward search with the Kt background cells it gave,
+    and sample i's view 2 (which carries them) with the main head's and the noise decoder's score maps."""
+    G, last, view = math.isqrt(rec["steps"][0]["feats"].shape[1]), rec["steps"][cfg.n_fwd - 1], rec["steps"][cfg.n_fwd + 1]
+    rows = []
+    for i in receivers:
+        j, cells = int(last["noise_src"][i]), last["noise_idx"][i]
+        src = outline_cells(draw_box(to_picture(last["x"][j]), last["box"][j], RED), cells, G)
+        x = to_picture(view["x"][i])
+        rows.append([(src, f"sample {j}, forward {cfg.n_fwd}: its box,\n{len(cells)} background cells"),
+                     (draw_box(x.copy(), view["box"][i], RED), f"sample {i}, view 2, with\nthose {len(cells)} as context"),
+                     (heat(view["score"][i], x), "main head: score map C"),
+                     (heat(view["noise_score"][i], x), "noise decoder's head:\nscore map"),
+                     (f"sample {j}'s background tokens, outside\nits predicted box, go to sample {i}\n"
+                      f"(batch rolled by one); the noise decoder\nlearns to track through them", "")])
+    return sheet(title, rows)
+
+
+LOG_LINE = re.compile(r"^epoch (\d+)/\d+ step (\d+)/(\d+) \| (.*?) \| dca (\S+)")
+
+
+def read_train_log(path):
+    """OUT/train.log -> {"x": progress in epochs (n,), "epoch": (n,), "mode": [n DCA modes], term: (n,) per TERMS}.
+
+    Each progress line holds the means since the line before. A resumed run repeats the interrupted epoch: its
+    lines replace the earlier ones; a new run appended to the same log (not a resume) starts afresh.
+    """
+    points, prev = {}, ""
+    with open(path) as f:
+        for line in f:
+            if line.startswith("config ") and not prev.startswith("resuming"):
+                points = {}
+            m = LOG_LINE.match(line)
+            if m:
+                epoch, step, steps = int(m[1]), int(m[2]), int(m[3])
+                words = m[4].split()
+                points[epoch, step] = (epoch - 1 + step / steps, epoch, m[5], dict(zip(words[::2], map(float, words[1::2]))))
+            prev = line
+    rows = [points[k] for k in sorted(points)]
+    out = {"x": np.array([r[0] for r in rows]), "epoch": np.array([r[1] for r in rows]), "mode": [r[2] for r in rows]}
+    out.update({n: np.array([r[3].get(n, np.nan) for r in rows]) for n in pntrack.TERMS})
+    return out
+
+
+CURVES = (("loss", "total loss L"), ("focal", "focal (weight 1)"), ("giou", "1 - GIoU (weight 2)"),
+          ("l1", "L1 (weight 5)"), ("contrast", "instance contrast"), ("noise", "noise decoder's loss"),
+          ("iou", "IoU of the backward views"))
+
+
+def curves_figure(log):
+    """Each loss term and the backward-view IoU over training, from a train.log; a dashed line where DCA
+    switches from prompts to noise (epoch K)."""
+    d = read_train_log(log)
+    if not len(d["x"]):
+        raise ValueError(f"{log}: no progress lines (`epoch E/N step S/M | ...`) to plot")
+    # K: the last epoch before the first noise-mode line (hard schedule; the soft one starts its ramp there)
+    K = next((e - 1 for e, m in zip(d["epoch"], d["mode"]) if m == "noise"), None)
+    W, H, cols = 270, 215, 4
+    image = Image.new("RGB", (cols * W, 2 * H + 30), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 8), f"training curves from {log}: one point per progress line (the mean over the steps "
+              f"since the line before); x: epochs", fill="black")
+
+    def nice(v):                                          # the round number >= v the y axis ends at
+        e = 10 ** math.floor(math.log10(v)) if v > 0 else 1
+        return next(m * e for m in (1, 2, 2.5, 5, 10) if m * e >= v)
+    x1 = 5 * math.ceil(d["x"].max() / 5)                   # whole epochs on the ticks
+    for k, (name, title) in enumerate(CURVES):
+        left, top = (k % cols) * W + 50, 30 + (k // cols) * H + 28
+        rect = (left, top, left + W - 66, top + H - 78)
+        y1 = 1.0 if name == "iou" else nice(np.nanmax(d[name]))
+        track.draw_plot(draw, rect, [(None, d["x"], d[name])], (0, x1), (0, y1), title, "epoch")
+        if K is not None:                                 # dashed: the DCA switch
+            px = rect[0] + (rect[2] - rect[0]) * K / x1
+            for y in range(rect[1], rect[3], 8):
+                draw.line([px, y, px, min(y + 4, rect[3])], fill=(40, 90, 220))
+            draw.text((px + 3, rect[1] + 2), f"K={K}", fill=(40, 90, 220))
+    left, top = (len(CURVES) % cols) * W + 20, 30 + H + 28
+    note = ("dashed (blue): epoch K, where DCA switches\nfrom prompts (epochs <= K) to noise\n(epochs > K)"
+            if K is not None else "no noise-mode line in this log:\nno DCA switch to mark")
+    draw.multiline_text((left, top), note + "\n\nfocal, GIoU, L1, IoU: mean over the backward\nviews; L: their "
+                        "weighted sum over the views\n+ contrast + noise decoder's loss (0 in\nprompt mode)",
+                        fill="black", spacing=3)
+    return image
+
+
+def tracking_gif(path, net, device, n_clips, size=160, n_frames=40):
+    """The inference Tracker on the held-out generated clip with the median AUC among the first n_clips
+    (the clips `python train.py` evaluates on): n_frames spread over the clip, `size` px wide, with the ground
+    truth (green) and the tracker's box (red)."""
+    clips = held_out_clips(n_clips)
+    _, _, aucs, _ = evaluate_tracker(net, clips, device)
+    k = int(np.argsort(aucs)[len(aucs) // 2])
+    clip = clips[k]
+    gt = np.stack([clip.box(t) for t in range(len(clip))])
+    boxes, _, _ = track.run_tracker(pntrack.Tracker(net, device=device), (clip.frame(t) for t in range(len(clip))), gt[0])
+    frames, s = [], size / clip.W
+    for t in np.linspace(0, len(clip) - 1, min(n_frames, len(clip))).round().astype(int):
+        im = clip.frame(t).resize((size, round(clip.H * s)), Image.BILINEAR)
+        track.draw_boxes(im, boxes[t] * s, gt[t] * s)
+        frames.append(im)
+    # one 64-colour palette for all frames (a third of the bytes of a palette per frame), box colours included
+    source = Image.new("RGB", (size * (len(frames[::8]) + 1), frames[0].height), GREEN)
+    for i, im in enumerate(frames[::8]):
+        source.paste(im, (size * i, 0))
+    source.paste(Image.new("RGB", (size // 2, frames[0].height), (255, 40, 40)), (size * len(frames[::8]), 0))
+    palette = source.quantize(64, dither=Image.Dither.NONE)
+    frames = [im.quantize(palette=palette, dither=Image.Dither.NONE) for im in frames]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=150, loop=0, optimize=True)
+    return clip.name, aucs[k], float(np.mean(aucs))
+
+
+def explain(out_dir, ckpt=None, data=None, log=None, cfg=None, batch_size=4, n_clips=16, seed=0, device=None):
+    """Write the figures of one training step to out_dir (see this section's header). ckpt: a pntrack.pt (the
+    DCA weights come from a last.pt beside it, if there is one); None: an untrained network of `cfg`. data: a
+    --data folder, default generated videos. log: a train.log for curves.png (skipped if None).
+    Returns the records of the prompt-mode and the noise-mode step and the batch (for the tests)."""
+    os.makedirs(out_dir, exist_ok=True)
+    device = pntrack.pick_device(device)
+    net = pntrack.load_checkpoint(ckpt) if ckpt else None
+    # the figures show the method: DCA on, prompts scored by attention x class map, whatever the run's flags
+    cfg = replace(net.cfg if net else cfg or pntrack.make_config("tiny"), dca=True, prompt=True, noise=True,
+                  prompt_source="attn*cls")
+    torch.manual_seed(seed)
+    model = pntrack.SelfSupervised(cfg)
+    weights = "untrained network"
+    if net:
+        model.net.load_state_dict(net.state_dict())
+        weights, last = ckpt, os.path.join(os.path.dirname(ckpt), "last.pt")
+        try:                                  # the noise decoder and the context type embedding live there
+            state = torch.load(last, map_location="cpu", weights_only=True)["model"]
+            model.dca.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("dca.")})
+            weights += f" (DCA parts from {last})"
+        except (OSError, KeyError, RuntimeError):
+            weights += f" (DCA parts untrained: no usable {last} beside it)"
+    print(f"explain: {weights}")
+    tracked = copy.deepcopy(model.net)       # for tracking.gif: the steps below update BatchNorm's running stats
+    model.to(device).train()                   # train mode, as in a training step (BatchNorm batch statistics)
+    # a batch as the loader makes it, from sequences we keep, to draw their first frames too
+    sequences = find_sequences(data, cfg)[0] if data else GeneratedSequences(seed)
+    if not sequences:
+        raise ValueError(f"--data {data}: no usable sequence found")
+    rng = np.random.default_rng(seed)
+    seqs = [sequences[int(rng.integers(len(sequences)))] for _ in range(batch_size)]
+    samples = [make_sample(s, cfg, np.random.default_rng([seed, i])) for i, s in enumerate(seqs)]
+    *batch, originals = collate(samples)
+    first = [(s.frame(0), o["box"]) for s, o in zip(seqs, originals)]
+    records = {}
+    with torch.no_grad():
+        for mode in ("prompt", "noise"):
+            model.record = {}
+            _, terms = model(*[t.to(device) for t in batch], mode=mode, originals=originals)
+            records[mode] = {"steps": [{k: v.cpu() for k, v in st.items()} for st in model.record["steps"]],
+                             "terms": terms.cpu()}
+    model.record = None
+    name = f"weights: {weights}"
+    figures = {
+        "cycle.png": cycle_figure(records["noise"], batch, first, cfg, samples=range(min(2, batch_size)),
+                                  title=f"One training step (noise mode): SSTrack's cycle with DCA. {name}\nGreen: "
+                                  f"the first box (in a view: moved by the augmentation, the target); red: predicted"),
+        "prompt.png": prompt_figure(records["prompt"], cfg, 0, f"DCA prompt mode (epochs <= K), sample 0, each forward "
+                                    f"step. {name}"),
+        "noise.png": noise_figure(records["noise"], cfg, range(min(2, batch_size)), f"DCA noise mode (epochs > K). {name}"),
+    }
+    if log:
+        figures["curves.png"] = curves_figure(log)
+    else:
+        print("explain: no train.log found: curves.png skipped (give --log PATH)")
+    for file, image in figures.items():
+        save_small(image, os.path.join(out_dir, file))
+    clip, auc, mean = tracking_gif(os.path.join(out_dir, "tracking.gif"), tracked, device, n_clips)
+    print(f"explain: tracking.gif is held-out clip {clip}, success AUC {auc:.3f}: the median of {n_clips} "
+          f"(their mean {mean:.3f})")
+    for file in sorted(list(figures) + ["tracking.gif"]):
+        path = os.path.join(out_dir, file)
+        print(f"wrote {path} ({os.path.getsize(path) / 1e3:.0f} kB)")
+    return records, batch
 
 
 # -----------------------------------------------------------------------------
@@ -493,6 +904,16 @@ def parse_args(argv):
     p.add_argument("--eval-clips", type=int, default=16, help="held-out generated clips to evaluate on (0: none)")
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: 0 on CPU, 4 on GPU)")
     p.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
+    p.add_argument("--make-split", metavar="DIR", help="with --data ../shared/data: link its sequences into "
+                   "DIR/train, DIR/val, DIR/test by the README's rule (real_split), then exit")
+    p.add_argument("--export", metavar="PATH", help="write OUT/pntrack.pt with fp16 weights to PATH (how "
+                   "assets/pntrack-tiny.pt is made), then exit")
+    p.add_argument("--explain", metavar="DIR", help="draw the figures of one training step (cycle, DCA prompts, "
+                   "DCA noise), the training curves and a tracked clip into DIR (see `explain`), then exit")
+    p.add_argument("--ckpt", help="with --explain: the weights to draw (default: OUT/pntrack.pt if it exists, "
+                   "else assets/pntrack-tiny.pt, else an untrained network)")
+    p.add_argument("--log", help="with --explain: the train.log to plot (default: the one beside --ckpt, "
+                   "else OUT/train.log)")
     g = p.add_argument_group("DCA and cycle-consistency switches (the paper's ablations)")
     g.add_argument("--no-dca", action="store_true", help="no context tokens at all (SSTrack)")
     g.add_argument("--no-prompt", action="store_true", help="no prompt tokens in epochs <= K")
@@ -502,20 +923,35 @@ def parse_args(argv):
     g.add_argument("--dca-epoch", type=int, help="K: prompt mode up to this epoch, noise mode after")
     g.add_argument("--dca-schedule", choices=["hard", "soft"], help="hard switch at K, or a linear ramp around it")
     g.add_argument("--no-contrast", action="store_true", help="drop the instance contrastive loss")
-    g.add_argument("--grad-through-crop", action="store_true", help="let the backward loss reach forward boxes")
+    g.add_argument("--grad-through-crop", action="store_true",
+                   help="let the backward loss reach forward boxes (needs --template-crop batched)")
+    g.add_argument("--template-crop", choices=["full", "batched"],
+                   help="backward templates re-cropped from full frames (SSTrack) or one batched crop of letterboxes")
+    g = p.add_argument_group("real-video options for the tiny model (ours, DESIGN §6; measured in the README)")
+    g.add_argument("--forward-search", choices=["global", "local"],
+                   help="forward branch: whole frame (SSTrack) or a search crop around the last box")
+    g.add_argument("--first-template", action="store_true",
+                   help="backward template 1 = the first frame's crop (as at inference) instead of forward step 1's")
+    g.add_argument("--max-gap", type=int, help="forward frames within this many frames of the first (default 400)")
+    g.add_argument("--extra-instances", type=float, help="share of samples that follow a random box instead of the first box")
+    g.add_argument("--mix-generated", type=float, help="with --data: share of samples from generated videos")
     return p.parse_args(argv)
 
 
 def config_from_args(args):
     over = dict(epochs=args.epochs, samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size,
                 lr=args.lr, lr_drop_epoch=args.lr_drop_epoch, prompt_source=args.prompt_source, n_tokens=args.tokens, dca_epoch=args.dca_epoch,
-                dca_schedule=args.dca_schedule)
+                dca_schedule=args.dca_schedule, template_crop=args.template_crop, forward_search=args.forward_search,
+                max_gap=args.max_gap, extra_instances=args.extra_instances, mix_generated=args.mix_generated)
     over = {k: v for k, v in over.items() if v is not None}
     for flag, field in (("no_dca", "dca"), ("no_prompt", "prompt"), ("no_noise", "noise"), ("no_contrast", "contrast")):
         if getattr(args, flag):
             over[field] = False
+    if args.first_template:
+        over["first_template"] = True
     if args.grad_through_crop:
         over["grad_through_crop"] = True
+        over.setdefault("template_crop", "batched")      # the only differentiable crop
     return pntrack.make_config(args.config, **over)
 
 
@@ -564,6 +1000,27 @@ def main(argv=None):
     # bad input (no data, unreadable files) ends here with one line and exit code 2; single bad sequences
     # are only skipped, with a warning naming the file
     try:
+        if args.make_split:
+            make_split(args.data or os.path.join("..", "shared", "data"), args.make_split)
+            return 0
+        if args.export:
+            src = os.path.join(args.out, "pntrack.pt")
+            if not os.path.isfile(src):
+                raise ValueError(f"--export: {src} does not exist (train first, or give --out)")
+            pntrack.save_checkpoint(args.export, pntrack.load_checkpoint(src), half=True)
+            print(f"wrote {args.export} ({os.path.getsize(args.export) / 1e6:.1f} MB, fp16) from {src}")
+            return 0
+        if args.explain:
+            ckpt = args.ckpt or next((p for p in (os.path.join(args.out, "pntrack.pt"), track.SHIPPED_CKPT)
+                                      if os.path.isfile(p)), None)
+            logs = [os.path.join(os.path.dirname(ckpt), "train.log")] if ckpt else []
+            log = next((p for p in logs + [os.path.join(args.out, "train.log")] if os.path.isfile(p)), None)
+            if args.log and not os.path.isfile(args.log):
+                raise ValueError(f"--log {args.log}: no such file")
+            log = args.log or log
+            explain(args.explain, ckpt=ckpt, data=args.data, log=log, cfg=config_from_args(args), seed=args.seed,
+                    n_clips=max(args.eval_clips, 1), device=args.device)
+            return 0
         cfg = config_from_args(args)
         os.makedirs(args.out, exist_ok=True)
         if args.data:
@@ -600,10 +1057,15 @@ def main(argv=None):
         if not os.path.exists(last_path):
             print(f"error: --resume: {last_path} does not exist (no earlier run in --out {args.out})", file=sys.stderr)
             return 2
-        state = torch.load(last_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        try:
+            state = torch.load(last_path, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+        except Exception as e:            # truncated, corrupt, or from another config / code version
+            print(f"error: --resume: {last_path} cannot be resumed from ({type(e).__name__}: "
+                  f"{' '.join(str(e).split())[:150]})", file=sys.stderr)
+            return 2
         start_epoch = state["epoch"] + 1
         log(f"resuming from {last_path}: epoch {state['epoch']} done")
 
