@@ -606,8 +606,10 @@ def speed_line(frames, total, model, seen, tracker):
     n = torch.get_num_threads()
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {n} thread{'s' * (n > 1)}"
     fps_model = f"{seen / model:.1f}" if model > 0 else "n/a"
+    held = (f"; box held on {tracker.held} of {seen} frames (peak score < {tracker.cfg.hold_below_score:g})"
+            if tracker.cfg.hold_below_score > 0 else "")
     return (f"speed: {fps_model} FPS model, {frames / total:.1f} FPS end to end "
-            f"({where}, {tracker.cfg.name}, {frames} frames)")
+            f"({where}, {tracker.cfg.name}, {frames} frames){held}")
 
 
 def check_args(args):

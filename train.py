@@ -519,6 +519,9 @@ class LabelledSequence:
         return self.gt[t]
 
 
+TRACKER_FIELDS = ("n_templates", "memory_size", "memory_min_score", "max_size_change", "hold_below_score")  # inference only
+
+
 # The real-data split (README "Real video"): chosen once, by name, before any sequence was scored.
 TEST_SEQUENCES = ("otb_Crossing", "otb_Girl", "vot15_bag")      # ../shared/data/sequences: never trained on
 
@@ -906,8 +909,8 @@ def parse_args(argv):
     p.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
     p.add_argument("--make-split", metavar="DIR", help="with --data ../shared/data: link its sequences into "
                    "DIR/train, DIR/val, DIR/test by the README's rule (real_split), then exit")
-    p.add_argument("--export", metavar="PATH", help="write OUT/pntrack.pt with fp16 weights to PATH (how "
-                   "assets/pntrack-tiny.pt is made), then exit")
+    p.add_argument("--export", metavar="PATH", help="write OUT/pntrack.pt with fp16 weights and the preset's "
+                   "tracker settings to PATH (how assets/pntrack-tiny.pt is made), then exit")
     p.add_argument("--explain", metavar="DIR", help="draw the figures of one training step (cycle, DCA prompts, "
                    "DCA noise), the training curves and a tracked clip into DIR (see `explain`), then exit")
     p.add_argument("--ckpt", help="with --explain: the weights to draw (default: OUT/pntrack.pt if it exists, "
@@ -1007,8 +1010,13 @@ def main(argv=None):
             src = os.path.join(args.out, "pntrack.pt")
             if not os.path.isfile(src):
                 raise ValueError(f"--export: {src} does not exist (train first, or give --out)")
-            pntrack.save_checkpoint(args.export, pntrack.load_checkpoint(src), half=True)
-            print(f"wrote {args.export} ({os.path.getsize(args.export) / 1e6:.1f} MB, fp16) from {src}")
+            net = pntrack.load_checkpoint(src)
+            # the tracker's settings (not the weights) follow the preset as it is now (DESIGN §6, chosen on validation)
+            preset = pntrack.make_config(net.cfg.name)
+            net.cfg = pntrack.replace(net.cfg, **{k: getattr(preset, k) for k in TRACKER_FIELDS})
+            pntrack.save_checkpoint(args.export, net, half=True)
+            print(f"wrote {args.export} ({os.path.getsize(args.export) / 1e6:.1f} MB, fp16) from {src}, tracker "
+                  f"settings of the {net.cfg.name} preset: " + ", ".join(f"{k} {getattr(net.cfg, k)}" for k in TRACKER_FIELDS))
             return 0
         if args.explain:
             ckpt = args.ckpt or next((p for p in (os.path.join(args.out, "pntrack.pt"), track.SHIPPED_CKPT)
