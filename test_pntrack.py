@@ -1023,6 +1023,88 @@ def test_loss_goes_down_over_30_steps_on_generated_data():
     assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:5])
 
 
+def test_natural_generated_videos_differ_from_simple_ones_as_the_docstring_says():
+    simple = [train.GeneratedVideo(seed, n_frames=40) for seed in range(12)]
+    natural = [train.GeneratedVideo(seed, n_frames=40, style="natural") for seed in range(12)]
+    again = train.GeneratedVideo(3, n_frames=40, style="natural")
+    assert np.array_equal(np.asarray(again.frame(17)), np.asarray(natural[3].frame(17)))     # deterministic by seed
+    assert all(v.gain is None and v.target.morph is None for v in simple)                   # simple: unchanged
+    for v in natural:
+        assert v.gain is not None and v.target.morph is not None and v.target.stretch is not None
+        for t in (0, 20, 39):
+            x, y, w, h = v.box(t)
+            assert w > 4 and h > 4 and -w < x < v.W and -h < y < v.H
+    # look-alikes carry the target's own texture; about half the clips have one
+    looks = [v for v in natural if np.array_equal(
+        v.distractors[0].rgb, np.asarray(Image.fromarray(v.target.rgb).resize(v.distractors[0].rgb.shape[1::-1], Image.BILINEAR)))]
+    assert 2 <= len(looks) <= 10
+    # the light drifts: a clip with a strong gain changes its mean brightness by more than its objects' motion does
+    v = max(natural, key=lambda v: v.gain[0])
+    means = [np.asarray(v.frame(t), np.float32).mean() for t in range(0, 40, 4)]
+    amp, omega, phase = v.gain
+    expected = [math.exp(amp * math.sin(omega * t + phase)) for t in range(0, 40, 4)]
+    assert abs(np.corrcoef(means, expected)[0, 1]) > 0.9
+    # the target's look changes over the clip (texture fade and aspect breathing), not only its position
+    sp = max((v.target for v in natural), key=lambda s: s.morph[1])
+    a, b = (np.asarray(sp.render(t)[0].convert("RGB").resize((32, 32)), np.float32) for t in (0, 60))
+    assert np.abs(a - b).mean() > 5
+    # the flag reaches the training data
+    cfg = train.config_from_args(train.parse_args(["--generated", "natural"]))
+    assert cfg.generated == "natural" and train.GeneratedSequences(0, style=cfg.generated)[5].gain is not None
+    with pytest.raises(ValueError, match="generated"):
+        make_config("tiny", generated="photo")
+
+
+def test_mae_hides_three_quarters_and_scores_only_hidden_patches():
+    torch.manual_seed(0)
+    cfg = make_config("tiny")
+    mae = pntrack.MaskedAutoencoder(cfg)
+    x = torch.randn(3, 3, cfg.search_size, cfg.search_size)
+    loss, pred, mask = mae(x)
+    assert mask.shape == (3, 64) and (mask.sum(1) == 48).all()
+    # patchify is PatchEmbed's token order: patch k of row r is pixels [16r:16r+16, 16k:16k+16]
+    patches = mae.patchify(x)
+    assert torch.equal(patches[1, 8 * 2 + 5].view(16, 16, 3), x[1, :, 32:48, 80:96].permute(1, 2, 0))
+    target = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6).sqrt()
+    by_hand = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+    assert torch.allclose(loss, by_hand)
+    # a shown patch's pixels do not enter the loss: changing them (keeping the mask) leaves the targets' part
+    assert not torch.allclose(loss, (((pred - target) ** 2).mean(-1) * (1 - mask)).sum() / (1 - mask).sum())
+
+
+def test_mae_stage_learns_and_its_output_loads_as_a_pretrained_backbone(tmp_path, capsys):
+    out = tmp_path / "mae"
+    args = ["--mae", "--out", str(out), "--epochs", "2", "--samples-per-epoch", "192", "--batch-size", "16",
+            "--log-every", "3", "--lr", "2e-3"]
+    torch.manual_seed(0)
+    assert train.main(args) == 0
+    assert len(re.findall(r"^mae epoch .* loss ([0-9.]+)", (out / "train.log").read_text(), re.M)) == 8
+    # it learned: on the same unseen crops and the same masks, the trained MAE rebuilds hidden patches better
+    cfg = make_config("tiny")
+    fresh, trained = pntrack.MaskedAutoencoder(cfg), pntrack.MaskedAutoencoder(cfg)
+    trained.load_state_dict(torch.load(out / "mae.pt", weights_only=True)["model"])
+    rng, clips = np.random.default_rng(123), train.GeneratedSequences(7, style="natural")
+    x = pntrack.normalize(torch.stack([train.mae_crop(clips[i].frame(10), rng, 128) for i in range(32)]))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        before = fresh(x)[0]
+        torch.manual_seed(1)
+        after = trained(x)[0]
+    assert after < 0.85 * before, (after, before)
+    net = pntrack.PNTrack(make_config("tiny"))
+    before = net.blocks[0].attn.qkv.weight.clone()
+    missing, unexpected = pntrack.load_pretrained(net, str(out / "mae.pt"))
+    assert all(k.startswith("head.") for k in missing) and "mask_token" in unexpected
+    state = torch.load(out / "mae.pt", weights_only=True)["model"]
+    assert torch.equal(net.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(before, net.blocks[0].attn.qkv.weight)
+    assert torch.allclose(net.pos_x, state["pos_embed"], atol=1e-5)           # 8x8 grid -> 8x8: unchanged
+    # --resume continues after the last finished epoch
+    assert train.main(args[:4] + ["3"] + args[5:] + ["--resume"]) == 0
+    assert "resuming MAE from" in (out / "train.log").read_text()
+    assert len(re.findall(r"^mae epoch 3/3", (out / "train.log").read_text(), re.M)) == 4
+
+
 def test_two_process_gloo_ddp_run_completes(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}

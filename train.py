@@ -34,14 +34,21 @@ import track
 # seed (trajectories are smooth closed-form functions of t), so samples never decode a whole video.
 
 
-def texture(rng, w, h, vivid, scale=1):
-    """A random colour texture (h, w, 3) uint8: stripes, checks or blobs over a random palette.
+def noise(rng, w, h, cells_per_px):
+    """(h, w) float32 in [0, 1]: a random grid of about w * cells_per_px cells, upscaled bicubically."""
+    small = rng.random((max(2, int(h * cells_per_px)), max(2, int(w * cells_per_px))))
+    return np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)) / np.float32(255)
+
+
+def texture(rng, w, h, vivid, scale=1, fractal=False):
+    """A random colour texture (h, w, 3) uint8: stripes, checks or blobs (or, with `fractal`, also fractal
+    noise) over a random palette.
 
     `scale` > 1 draws it that much smaller and upscales it (backgrounds: smooth anyway, and the costliest
     part of making a sample otherwise).
     """
     if scale > 1:
-        small = texture(rng, w // scale, h // scale, vivid)
+        small = texture(rng, w // scale, h // scale, vivid, fractal=fractal)
         return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
     palette = rng.integers(0, 256, (3, 3)).astype(np.float32)
     if vivid:      # targets and distractors: saturated colours; backgrounds stay duller
@@ -49,28 +56,35 @@ def texture(rng, w, h, vivid, scale=1):
     else:          # backgrounds: greyer and lower in contrast than the objects
         palette = palette * 0.4 + 70
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    kind = rng.integers(3)
+    kind = rng.integers(4 if fractal else 3)
     freq = rng.uniform(0.08, 0.35) if vivid else rng.uniform(0.04, 0.24)
     if kind == 0:                                     # stripes at a random angle
         a = rng.uniform(0, np.pi)
         t = np.sin((xx * np.cos(a) + yy * np.sin(a)) * freq * 2) * 0.5 + 0.5
     elif kind == 1:                                   # checks
         t = ((np.floor(xx * freq / 2) + np.floor(yy * freq / 2)) % 2).astype(np.float32)
-    else:                                             # smooth blobs
-        small = rng.random((max(2, int(h * freq / 3)), max(2, int(w * freq / 3))))
-        t = np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)) / np.float32(255)
+    elif kind == 2:                                   # smooth blobs
+        t = noise(rng, w, h, freq / 3)
+    else:                                             # fractal noise: octaves with amplitude ~ 1/frequency, the
+        t = sum(noise(rng, w, h, freq / 3 * 2 ** o) / 2 ** o for o in range(4)) / 1.875   # spectrum of photos
     t2 = rng.random((h, w), dtype=np.float32) * 0.25   # fine grain so flat areas still have texture
     img = palette[0] * (1 - t)[..., None] + palette[1] * t[..., None] + (palette[2] - 128) * t2[..., None]
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
 class Sprite:
-    """One moving object: a textured shape with a smooth trajectory, scale and rotation over time."""
-    def __init__(self, rng, W, H, n_frames, size_range):
+    """One moving object: a textured shape with a smooth trajectory, scale and rotation over time. `natural`
+    (ours) adds fractal textures and a changing look: the texture fades towards a second one, and the aspect
+    ratio breathes (a turning head, a walking person). `like`: an (h, w, 3) texture to copy (a look-alike)."""
+    def __init__(self, rng, W, H, n_frames, size_range, natural=False, like=None):
         self.base = rng.uniform(*size_range) * min(W, H)             # px, side of a square of equal area
         aspect = math.exp(rng.uniform(-0.6, 0.6))
         w, h = int(self.base * math.sqrt(aspect)) + 2, int(self.base / math.sqrt(aspect)) + 2
-        rgb = texture(rng, w, h, vivid=True)
+        if like is not None:
+            rgb = np.asarray(Image.fromarray(like).resize((w, h), Image.BILINEAR))
+        else:
+            rgb = texture(rng, w, h, vivid=True, fractal=natural)
+        self.rgb = rgb
         mask = Image.new("L", (w, h), 0)
         shape = rng.integers(3)
         if shape == 0:
@@ -94,6 +108,12 @@ class Sprite:
         self.phase = rng.uniform(0, 2 * np.pi, 2)
         self.scale_amp, self.scale_omega = rng.uniform(0, 0.35), rng.uniform(0.01, 0.05)
         self.spin = rng.uniform(-1.0, 1.0) if rng.random() < 0.5 else 0.0   # degrees per frame
+        self.morph = self.stretch = None
+        if natural:     # (amplitude, angular frequency per frame, phase) of the look and aspect changes
+            other = Image.fromarray(texture(rng, w, h, vivid=True, fractal=True)).convert("RGBA")
+            other.putalpha(mask)
+            self.morph = other, rng.uniform(0, 0.8), rng.uniform(0.01, 0.05)
+            self.stretch = rng.uniform(0, 0.25), rng.uniform(0.02, 0.1), rng.uniform(0, 2 * np.pi)
 
     def centre(self, t):
         p = self.p0 + self.drift * t + self.amp * np.sin(self.omega * t + self.phase)
@@ -104,7 +124,16 @@ class Sprite:
     def render(self, t):
         """RGBA image of the sprite at frame t and its top-left paste position."""
         s = math.exp(self.scale_amp * math.sin(self.scale_omega * t))
-        im = self.image.resize((max(4, int(self.image.width * s)), max(4, int(self.image.height * s))), Image.BILINEAR)
+        sw = sh = s
+        image = self.image
+        if self.morph:                                 # fade in and out of the second texture
+            other, amp, omega = self.morph
+            image = Image.blend(image, other, amp * (1 - math.cos(omega * t)) / 2)
+        if self.stretch:                               # w and h breathe in opposite directions
+            amp, omega, phase = self.stretch
+            k = math.exp(amp * math.sin(omega * t + phase))
+            sw, sh = s * k, s / k
+        im = image.resize((max(4, int(image.width * sw)), max(4, int(image.height * sh))), Image.BILINEAR)
         if self.spin:
             im = im.rotate(self.spin * t, resample=Image.BILINEAR, expand=True)
         c = self.centre(t)
@@ -112,12 +141,20 @@ class Sprite:
 
 
 class GeneratedVideo:
-    """A procedurally generated clip; deterministic by seed. frame(t) -> RGB PIL image; box(t) -> (x, y, w, h)."""
-    def __init__(self, seed, n_frames=100, size=(320, 240)):
+    """A procedurally generated clip; deterministic by seed. frame(t) -> RGB PIL image; box(t) -> (x, y, w, h).
+
+    style "simple": vivid objects on a dull background. "natural" (ours, DESIGN §6, for real video): fractal
+    textures, a background as colourful as the objects half the time (the target is not simply the most
+    salient thing), a look-alike distractor with the target's own texture half the time, targets that change
+    their look and aspect, a global illumination drift, and a blurred camera in 3 clips of 10.
+    """
+    def __init__(self, seed, n_frames=100, size=(320, 240), style="simple"):
         rng = np.random.default_rng(seed)
+        natural = style == "natural"
         self.name, self.n = f"generated-{seed}", n_frames
         self.W, self.H = W, H = size
-        self.background = texture(rng, int(W * 1.5), int(H * 1.5), vivid=False, scale=2)
+        vivid = natural and rng.random() < 0.5
+        self.background = texture(rng, int(W * 1.5), int(H * 1.5), vivid=vivid, scale=2, fractal=natural)
         clutter = Image.fromarray(self.background)
         draw = ImageDraw.Draw(clutter)
         for _ in range(rng.integers(3, 9)):           # background clutter: dull rectangles and ellipses
@@ -127,12 +164,18 @@ class GeneratedVideo:
             (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x, y, x + r[0], y + r[1]), fill=colour)
         self.background = np.asarray(clutter)
         self.pan = rng.uniform(-0.6, 0.6, 2)          # camera pan, px per frame
-        self.target = Sprite(rng, W, H, n_frames, (0.15, 0.3))
-        self.distractors = [Sprite(rng, W, H, n_frames, (0.06, 0.2)) for _ in range(rng.integers(1, 4))]
+        self.target = Sprite(rng, W, H, n_frames, (0.15, 0.3), natural)
+        self.distractors = [Sprite(rng, W, H, n_frames, (0.06, 0.2), natural) for _ in range(rng.integers(1, 4))]
         self.occluder = None
         if rng.random() < 0.5:                        # a bar crossing the scene: partial occlusion
             self.occluder = (texture(rng, int(rng.uniform(0.06, 0.12) * W), H, vivid=False),
                              rng.uniform(-0.2, 1.0) * W, rng.uniform(-3, 3))
+        self.gain, self.blur = None, 0.0
+        if natural:
+            if rng.random() < 0.5:                    # a look-alike in place of the first distractor
+                self.distractors[0] = Sprite(rng, W, H, n_frames, (0.12, 0.3), natural, like=self.target.rgb)
+            self.gain = rng.uniform(0, 0.3), rng.uniform(0.01, 0.06), rng.uniform(0, 2 * np.pi)   # brightness
+            self.blur = rng.uniform(0.5, 1.5) if rng.random() < 0.3 else 0.0
 
     def __len__(self):
         return self.n
@@ -154,6 +197,12 @@ class GeneratedVideo:
         if self.occluder is not None:
             bar, x0, v = self.occluder
             img.paste(Image.fromarray(bar), (int(x0 + v * t), 0))
+        if self.gain:                                 # the light changes: the whole frame brightens and dims
+            amp, omega, phase = self.gain
+            g = math.exp(amp * math.sin(omega * t + phase))
+            img = Image.fromarray(np.clip(np.asarray(img, np.float32) * g, 0, 255).astype(np.uint8))
+        if self.blur:
+            img = img.filter(ImageFilter.GaussianBlur(self.blur))
         return img
 
     def box(self, t):
@@ -444,7 +493,7 @@ class CycleData(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, i])
         for _ in range(100):
             if self.cfg.mix_generated > 0 and rng.random() < self.cfg.mix_generated:   # ours: some generated clips
-                return make_sample(GeneratedVideo(int(rng.integers(10 ** 9))), self.cfg, rng)
+                return make_sample(GeneratedVideo(int(rng.integers(10 ** 9)), style=self.cfg.generated), self.cfg, rng)
             k = int(rng.integers(len(self.sequences)))
             if k in self.bad:
                 continue
@@ -459,19 +508,19 @@ class CycleData(torch.utils.data.Dataset):
 class GeneratedSequences:
     """An endless list of generated clips: index -> GeneratedVideo(seed). Seeds below 10**9 train; the
     held-out evaluation clips use seeds from 10**9 up, so training never sees them."""
-    def __init__(self, seed, n=10 ** 6):
-        self.seed, self.n = seed, n
+    def __init__(self, seed, n=10 ** 6, style="simple"):
+        self.seed, self.n, self.style = seed, n, style
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
-        return GeneratedVideo((self.seed * 1_000_003 + i) % 10 ** 9)
+        return GeneratedVideo((self.seed * 1_000_003 + i) % 10 ** 9, style=self.style)
 
 
-def held_out_clips(n, n_frames=60):
+def held_out_clips(n, n_frames=60, style="simple"):
     """The evaluation clips: the same generator, seeds that training never draws."""
-    return [GeneratedVideo(10 ** 9 + i, n_frames) for i in range(n)]
+    return [GeneratedVideo(10 ** 9 + i, n_frames, style=style) for i in range(n)]
 
 
 # -----------------------------------------------------------------------------
@@ -794,7 +843,7 @@ def tracking_gif(path, net, device, n_clips, size=160, n_frames=40):
     """The inference Tracker on the held-out generated clip with the median AUC among the first n_clips
     (the clips `python train.py` evaluates on): n_frames spread over the clip, `size` px wide, with the ground
     truth (green) and the tracker's box (red)."""
-    clips = held_out_clips(n_clips)
+    clips = held_out_clips(n_clips, style=net.cfg.generated)
     _, _, aucs, _ = evaluate_tracker(net, clips, device)
     k = int(np.argsort(aucs)[len(aucs) // 2])
     clip = clips[k]
@@ -843,7 +892,7 @@ def explain(out_dir, ckpt=None, data=None, log=None, cfg=None, batch_size=4, n_c
     tracked = copy.deepcopy(model.net)       # for tracking.gif: the steps below update BatchNorm's running stats
     model.to(device).train()                   # train mode, as in a training step (BatchNorm batch statistics)
     # a batch as the loader makes it, from sequences we keep, to draw their first frames too
-    sequences = find_sequences(data, cfg)[0] if data else GeneratedSequences(seed)
+    sequences = find_sequences(data, cfg)[0] if data else GeneratedSequences(seed, style=cfg.generated)
     if not sequences:
         raise ValueError(f"--data {data}: no usable sequence found")
     rng = np.random.default_rng(seed)
@@ -886,6 +935,120 @@ def explain(out_dir, ckpt=None, data=None, log=None, cfg=None, batch_size=4, n_c
 # -----------------------------------------------------------------------------
 # The loop
 
+def load_resume(path, model, optimizer, device, rng=True):
+    """--resume: weights, optimizer moments (and the torch RNG) from `path` -> its dict; None after printing
+    one error line (no such file; truncated, corrupt, or from another config / code version)."""
+    if not os.path.exists(path):
+        print(f"error: --resume: {path} does not exist (no earlier run in --out {os.path.dirname(path)})", file=sys.stderr)
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if rng:
+            torch.set_rng_state(state["rng"])
+    except Exception as e:
+        print(f"error: --resume: {path} cannot be resumed from ({type(e).__name__}: "
+              f"{' '.join(str(e).split())[:150]})", file=sys.stderr)
+        return None
+    return state
+
+
+# -----------------------------------------------------------------------------
+# MAE pre-training (`--mae`): the backbone learns to fill in hidden patches of video frames before any
+# tracking (pntrack.MaskedAutoencoder). Its output, OUT/mae.pt, is in MAE's own format: `--pretrained` loads it.
+
+def mae_frames(sequences, max_frames=3000, side=360):
+    """Frames to cut MAE crops from: evenly spaced frames of every sequence (at most max_frames in all), each
+    shrunk so its longer side is at most `side` px, kept in memory (decoded once)."""
+    total = sum(len(s) for s in sequences)
+    stride = max(1, math.ceil(total / max_frames))
+    frames = []
+    for seq in sequences:
+        for i in range(0, len(seq), stride):
+            image = seq.frame(i).copy()
+            image.thumbnail((side, side), Image.BILINEAR)
+            frames.append(image)
+    return frames
+
+
+def mae_crop(image, rng, size):
+    """A random square crop of an image, side 15-70% of sqrt(W*H), resized to size x size, flipped half the
+    time: objects at about the scales the tracker's search crops show them -> (3, size, size) uint8 tensor."""
+    W, H = image.size
+    side = math.sqrt(W * H) * rng.uniform(0.15, 0.7)
+    box = (rng.uniform(0, W), rng.uniform(0, H), side, side)
+    crop, _ = pntrack.crop_image(image, box, 1.0, size)
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)
+
+
+def pretrain_mae(args, cfg, sequences, device, log):
+    """The `--mae` stage: MAE on crops of --data's frames (or of generated videos without --data); AdamW with
+    MAE's betas and weight decay, 5% warm-up, then a cosine decay; OUT/mae.pt after each epoch, OUT/mae_last.pt
+    (weights, optimizer, epoch) for --resume. Returns the exit code."""
+    epochs = args.epochs or 20
+    per_epoch, batch = args.samples_per_epoch or 4096, args.batch_size or 64
+    steps = per_epoch // batch
+    model = pntrack.MaskedAutoencoder(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    base_lr = optimizer.param_groups[0]["lr"]
+    out_path, last_path = os.path.join(args.out, "mae.pt"), os.path.join(args.out, "mae_last.pt")
+    start_epoch = 1
+    if args.resume:
+        state = load_resume(last_path, model, optimizer, device, rng=False)
+        if state is None:
+            return 2
+        start_epoch = state["epoch"] + 1
+        log(f"resuming MAE from {last_path}: epoch {state['epoch']} done")
+    if isinstance(sequences, GeneratedSequences):
+        frames = None                                    # generated: a fresh clip and frame for every crop
+    else:
+        frames = mae_frames(sequences)
+    log(f"MAE pre-training of the {cfg.name} backbone: {epochs} epochs x {steps} steps x {batch} crops of "
+        f"{cfg.search_size} px, 75% of patches hidden; frames: "
+        f"{len(frames) if frames else 'generated'}; device {device}")
+    start, total = time.time(), (epochs - start_epoch + 1) * steps
+    for epoch in range(start_epoch, epochs + 1):
+        model.train()
+        for step in range(1, steps + 1):
+            rng = np.random.default_rng([args.seed, epoch, step])       # a resumed run sees the same crops
+            done = (epoch - 1) * steps + step
+            warm = max(1, int(0.05 * epochs * steps))
+            lr = base_lr * (done / warm if done < warm else 0.5 * (1 + math.cos(math.pi * (done - warm) / (epochs * steps - warm))))
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            if frames is None:
+                clips = [sequences[int(rng.integers(len(sequences)))] for _ in range(batch)]
+                images = [c.frame(int(rng.integers(len(c)))) for c in clips]
+            else:
+                images = [frames[int(rng.integers(len(frames)))] for _ in range(batch)]
+            x = pntrack.normalize(torch.stack([mae_crop(im, rng, cfg.search_size) for im in images]).to(device))
+            with pntrack.autocast(device):
+                loss, _, _ = model(x)
+            if not torch.isfinite(loss):
+                log(f"error: MAE loss is not finite at epoch {epoch} step {step}; stopping ({out_path} is the "
+                    f"last good epoch's)")
+                return 1
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % args.log_every == 0 or step == steps:
+                elapsed = time.time() - start
+                n = (epoch - start_epoch) * steps + step
+                log(f"mae epoch {epoch}/{epochs} step {step}/{steps} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                    f"{n * batch / elapsed:.1f} crops/s | ETA {duration(elapsed / n * (total - n))}")
+        pntrack.atomic_save({"model": model.state_dict()}, out_path)
+        pntrack.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}, last_path)
+        if args.max_minutes and time.time() - start > args.max_minutes * 60 and epoch < epochs:
+            log(f"--max-minutes {args.max_minutes} reached after MAE epoch {epoch}: {out_path} saved; "
+                f"--resume continues with epoch {epoch + 1}")
+            return 0
+    log(f"MAE done in {duration(time.time() - start)}: {out_path} (load it with --pretrained {out_path})")
+    return 0
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Self-supervised training of PNTrack (first-frame box only).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, epilog=__doc__.split("\n\n")[1])
@@ -900,6 +1063,10 @@ def parse_args(argv):
     p.add_argument("--out", default="out", help="folder for pntrack.pt, last.pt and train.log")
     p.add_argument("--pretrained", help="MAE / DropMAE ViT-B checkpoint for the backbone, or a pntrack.pt to start from")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--mae", action="store_true",
+                   help="instead of tracking: pre-train the backbone as a masked autoencoder on crops of the --data "
+                        "frames (no labels; generated videos without --data) and write OUT/mae.pt for --pretrained; "
+                        "defaults here: 20 epochs x 4096 crops, batch 64, lr 1e-3")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, help="stop (and save) once this much time has passed")
@@ -938,6 +1105,8 @@ def parse_args(argv):
     g.add_argument("--max-gap", type=int, help="forward frames within this many frames of the first (default 400)")
     g.add_argument("--extra-instances", type=float, help="share of samples that follow a random box instead of the first box")
     g.add_argument("--mix-generated", type=float, help="with --data: share of samples from generated videos")
+    g.add_argument("--generated", choices=["simple", "natural"],
+                   help="generated videos: simple shapes, or natural-looking ones (see GeneratedVideo)")
     return p.parse_args(argv)
 
 
@@ -945,7 +1114,8 @@ def config_from_args(args):
     over = dict(epochs=args.epochs, samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size,
                 lr=args.lr, lr_drop_epoch=args.lr_drop_epoch, prompt_source=args.prompt_source, n_tokens=args.tokens, dca_epoch=args.dca_epoch,
                 dca_schedule=args.dca_schedule, template_crop=args.template_crop, forward_search=args.forward_search,
-                max_gap=args.max_gap, extra_instances=args.extra_instances, mix_generated=args.mix_generated)
+                max_gap=args.max_gap, extra_instances=args.extra_instances, mix_generated=args.mix_generated,
+                generated=args.generated)
     over = {k: v for k, v in over.items() if v is not None}
     for flag, field in (("no_dca", "dca"), ("no_prompt", "prompt"), ("no_noise", "noise"), ("no_contrast", "contrast")):
         if getattr(args, flag):
@@ -1039,14 +1209,19 @@ def main(argv=None):
                 raise ValueError(f"--data {args.data}: no usable sequence found (a folder of frames with "
                                  f"groundtruth.txt / groundtruth_rect.txt / init.txt, or video/image + <name>.txt)")
         else:
-            sequences = GeneratedSequences(args.seed)
-        val = find_val_sequences(args.val) if args.val else held_out_clips(args.eval_clips)
+            sequences = GeneratedSequences(args.seed, style=cfg.generated)
+        val = find_val_sequences(args.val) if args.val else held_out_clips(args.eval_clips, style=cfg.generated)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     # the torch seed drives weight init, drop-path and the noise-token draws; the data has its own seeds
     torch.manual_seed(args.seed + rank)
+    if args.mae:
+        if distributed:
+            print("error: --mae runs in one process (start it with python, not torchrun)", file=sys.stderr)
+            return 2
+        return pretrain_mae(args, cfg, sequences, device, log)
     model = pntrack.SelfSupervised(cfg).to(device)
     if args.pretrained:
         try:
@@ -1062,17 +1237,8 @@ def main(argv=None):
     # --resume: weights, optimizer moments, RNG and the last finished epoch; the data of an epoch is a
     # function of (seed, epoch, index), so the resumed run sees exactly what an uninterrupted one would
     if args.resume:
-        if not os.path.exists(last_path):
-            print(f"error: --resume: {last_path} does not exist (no earlier run in --out {args.out})", file=sys.stderr)
-            return 2
-        try:
-            state = torch.load(last_path, map_location=device, weights_only=True)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
-        except Exception as e:            # truncated, corrupt, or from another config / code version
-            print(f"error: --resume: {last_path} cannot be resumed from ({type(e).__name__}: "
-                  f"{' '.join(str(e).split())[:150]})", file=sys.stderr)
+        state = load_resume(last_path, model, optimizer, device)
+        if state is None:
             return 2
         start_epoch = state["epoch"] + 1
         log(f"resuming from {last_path}: epoch {state['epoch']} done")
