@@ -137,11 +137,10 @@ def make_config(name="tiny", **overrides):
     if bad:
         raise ValueError(f"unknown config field(s): {', '.join(sorted(bad))}")
     cfg = replace(Config(), name=name, **{**PRESETS[name], **overrides})
-    if cfg.generated not in ("simple", "natural"):
-        raise ValueError(f"generated must be simple or natural, not {cfg.generated!r}")
-    if cfg.template_crop not in ("full", "batched") or cfg.forward_search not in ("global", "local"):
-        raise ValueError(f"template_crop must be full or batched, and forward_search global or local, "
-                         f"not {cfg.template_crop!r} / {cfg.forward_search!r}")
+    for field, allowed in (("generated", ("natural", "simple")), ("template_crop", ("full", "batched")),
+                           ("forward_search", ("global", "local"))):
+        if getattr(cfg, field) not in allowed:
+            raise ValueError(f"{field} must be {' or '.join(allowed)}, not {getattr(cfg, field)!r}")
     if cfg.grad_through_crop and (cfg.template_crop, cfg.forward_search) != ("batched", "global"):
         raise ValueError("grad_through_crop needs template_crop 'batched' and forward_search 'global' "
                          "(only the batched crop of the letterboxed frames is differentiable)")

@@ -1068,7 +1068,7 @@ def test_mae_hides_three_quarters_and_scores_only_hidden_patches():
     target = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6).sqrt()
     by_hand = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
     assert torch.allclose(loss, by_hand)
-    # a shown patch's pixels do not enter the loss: changing them (keeping the mask) leaves the targets' part
+    # the loss is the hidden patches' mean, not the shown ones' (nor all patches')
     assert not torch.allclose(loss, (((pred - target) ** 2).mean(-1) * (1 - mask)).sum() / (1 - mask).sum())
 
 

@@ -1010,12 +1010,12 @@ def pretrain_mae(args, cfg, sequences, device, log):
         f"{cfg.search_size} px, 75% of patches hidden; frames: "
         f"{len(frames) if frames else 'generated'}; device {device}")
     start, total = time.time(), (epochs - start_epoch + 1) * steps
+    warm = max(1, int(0.05 * epochs * steps))                            # warm-up steps
     for epoch in range(start_epoch, epochs + 1):
         model.train()
         for step in range(1, steps + 1):
             rng = np.random.default_rng([args.seed, epoch, step])       # a resumed run sees the same crops
             done = (epoch - 1) * steps + step
-            warm = max(1, int(0.05 * epochs * steps))
             lr = base_lr * (done / warm if done < warm else 0.5 * (1 + math.cos(math.pi * (done - warm) / (epochs * steps - warm))))
             for g in optimizer.param_groups:
                 g["lr"] = lr
