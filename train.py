@@ -576,18 +576,18 @@ TEST_SEQUENCES = ("otb_Crossing", "otb_Girl", "vot15_bag")      # ../shared/data
 
 
 def real_split(root):
-    """ROOT = ../shared/data -> {"train": [...], "val": [...], "test": [...]} sequence folders. Rule: sort the
-    names in ROOT/pool; every 4th (indices 3, 7, 11, ...) is validation, the rest trains; of ROOT/sequences the
-    three TEST_SEQUENCES are the test set and the other five train."""
+    """ROOT = ../shared/data -> {"train": [...], "val": [...], "test": [...]} sequence folders. Rule: in each of
+    ROOT/pool and ROOT/pool2, sort the names; every 4th (indices 3, 7, 11, ...) is validation, the rest trains;
+    of ROOT/sequences the three TEST_SEQUENCES are the test set and the other five train."""
     def folders(sub):
         d = os.path.join(root, sub)
         return sorted(os.path.join(d, n) for n in os.listdir(d) if os.path.isdir(os.path.join(d, n))) if os.path.isdir(d) else []
-    pool, dev = folders("pool"), folders("sequences")
-    if not pool and not dev:
-        raise ValueError(f"--make-split: {root} has neither pool/ nor sequences/ folders of sequences")
-    val = pool[3::4]
+    pool, pool2, dev = folders("pool"), folders("pool2"), folders("sequences")
+    if not pool and not pool2 and not dev:
+        raise ValueError(f"--make-split: {root} has no pool/, pool2/ or sequences/ folders of sequences")
+    val = pool[3::4] + pool2[3::4]
     test = [f for f in dev if os.path.basename(f) in TEST_SEQUENCES]
-    train = [f for f in pool if f not in val] + [f for f in dev if f not in test]
+    train = [f for f in pool + pool2 if f not in val] + [f for f in dev if f not in test]
     return {"train": train, "val": val, "test": test}
 
 
@@ -936,11 +936,10 @@ def explain(out_dir, ckpt=None, data=None, log=None, cfg=None, batch_size=4, n_c
 # The loop
 
 def load_resume(path, model, optimizer, device, rng=True):
-    """--resume: weights, optimizer moments (and the torch RNG) from `path` -> its dict; None after printing
-    one error line (no such file; truncated, corrupt, or from another config / code version)."""
+    """--resume: weights, optimizer moments (and the torch RNG) from `path` -> its dict. ValueError: no such file;
+    truncated, corrupt, or from another config / code version."""
     if not os.path.exists(path):
-        print(f"error: --resume: {path} does not exist (no earlier run in --out {os.path.dirname(path)})", file=sys.stderr)
-        return None
+        raise ValueError(f"--resume: {path} does not exist (no earlier run in --out {os.path.dirname(path)})")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -948,9 +947,8 @@ def load_resume(path, model, optimizer, device, rng=True):
         if rng:
             torch.set_rng_state(state["rng"])
     except Exception as e:
-        print(f"error: --resume: {path} cannot be resumed from ({type(e).__name__}: "
-              f"{' '.join(str(e).split())[:150]})", file=sys.stderr)
-        return None
+        raise ValueError(f"--resume: {path} cannot be resumed from ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:150]})") from None
     return state
 
 
@@ -984,10 +982,17 @@ def mae_crop(image, rng, size):
     return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)
 
 
-def pretrain_mae(args, cfg, sequences, device, log):
+def pretrain_mae(args, cfg, sequences):
     """The `--mae` stage: MAE on crops of --data's frames (or of generated videos without --data); AdamW with
     MAE's betas and weight decay, 5% warm-up, then a cosine decay; OUT/mae.pt after each epoch, OUT/mae_last.pt
     (weights, optimizer, epoch) for --resume. Returns the exit code."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        raise ValueError("--mae runs in one process (start it with python, not torchrun)")
+    if cfg.stem != "patch16":
+        raise ValueError(f"--mae pre-trains the patch16 stem's ViT; stem {cfg.stem} starts from ImageNet weights "
+                         f"(add --stem patch16)")
+    device, log = pntrack.pick_device(args.device), make_log(args.out)
+    torch.manual_seed(args.seed)
     epochs = args.epochs or 20
     per_epoch, batch = args.samples_per_epoch or 4096, args.batch_size or 64
     steps = per_epoch // batch
@@ -998,8 +1003,6 @@ def pretrain_mae(args, cfg, sequences, device, log):
     start_epoch = 1
     if args.resume:
         state = load_resume(last_path, model, optimizer, device, rng=False)
-        if state is None:
-            return 2
         start_epoch = state["epoch"] + 1
         log(f"resuming MAE from {last_path}: epoch {state['epoch']} done")
     if isinstance(sequences, GeneratedSequences):
@@ -1105,6 +1108,12 @@ def parse_args(argv):
     g.add_argument("--max-gap", type=int, help="forward frames within this many frames of the first (default 400)")
     g.add_argument("--extra-instances", type=float, help="share of samples that follow a random box instead of the first box")
     g.add_argument("--mix-generated", type=float, help="with --data: share of samples from generated videos")
+    g.add_argument("--stem", choices=list(pntrack.STEMS),
+                   help="image -> tokens: the papers' 16-px patch embedding, or ImageNet-pretrained EfficientNet-Lite0 "
+                        "blocks (default: the preset's; tiny: effnet-lite0)")
+    g.add_argument("--stem-lr-mult", type=float, help="effnet-lite0: lr of its pretrained part = lr * this (0: frozen)")
+    g.add_argument("--stem-bn", choices=["frozen", "train"], help="effnet-lite0: BatchNorm statistics kept or updated")
+    g.add_argument("--stem-freeze-epochs", type=int, help="effnet-lite0: its pretrained part is not updated in epochs <= N")
     g.add_argument("--generated", choices=["simple", "natural"],
                    help="generated videos: simple shapes, or natural-looking ones (see GeneratedVideo)")
     return p.parse_args(argv)
@@ -1115,7 +1124,9 @@ def config_from_args(args):
                 lr=args.lr, lr_drop_epoch=args.lr_drop_epoch, prompt_source=args.prompt_source, n_tokens=args.tokens, dca_epoch=args.dca_epoch,
                 dca_schedule=args.dca_schedule, template_crop=args.template_crop, forward_search=args.forward_search,
                 max_gap=args.max_gap, extra_instances=args.extra_instances, mix_generated=args.mix_generated,
-                generated=args.generated)
+                generated=args.generated, stem=args.stem, stem_lr_mult=args.stem_lr_mult,
+                stem_freeze_epochs=args.stem_freeze_epochs,
+                stem_frozen_bn=None if args.stem_bn is None else args.stem_bn == "frozen")
     over = {k: v for k, v in over.items() if v is not None}
     for flag, field in (("no_dca", "dca"), ("no_prompt", "prompt"), ("no_noise", "noise"), ("no_contrast", "contrast")):
         if getattr(args, flag):
@@ -1129,29 +1140,83 @@ def config_from_args(args):
 
 
 def make_optimizer(model, cfg):
-    """AdamW; the backbone (everything in the network but its head) at lr * lr_backbone_mult (DESIGN §5)."""
-    backbone = [p for n, p in model.named_parameters() if n.startswith("net.") and not n.startswith("net.head.")]
-    ids = {id(p) for p in backbone}
+    """AdamW; the backbone (everything in the network but its head) at lr * lr_backbone_mult (DESIGN §5); an
+    effnet-lite0 stem's ImageNet part in its own group at lr * stem_lr_mult, or, at 0, frozen: no gradient at all
+    (so no backward pass through it)."""
+    stem = model.net.patch_embed.pretrained() if cfg.stem == "effnet-lite0" else []
+    if cfg.stem_lr_mult == 0:
+        for p in stem:
+            p.requires_grad_(False)
+    ids = {id(p) for p in stem}
+    backbone = [p for n, p in model.net.named_parameters() if not n.startswith("head.") and id(p) not in ids]
+    ids |= {id(p) for p in backbone}
     rest = [p for p in model.parameters() if id(p) not in ids]
-    return torch.optim.AdamW([{"params": backbone, "lr": cfg.lr * cfg.lr_backbone_mult, "lr_scale": cfg.lr_backbone_mult},
-                              {"params": rest, "lr": cfg.lr, "lr_scale": 1.0}], weight_decay=cfg.weight_decay)
+    groups = [{"params": backbone, "lr_scale": cfg.lr_backbone_mult}, {"params": rest, "lr_scale": 1.0}]
+    if stem and cfg.stem_lr_mult > 0:
+        groups.append({"params": stem, "lr_scale": cfg.stem_lr_mult, "stem": True})
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
 def set_lr(optimizer, cfg, epoch):
-    """Step decay: lr / 10 after lr_drop_epoch (PNTrack/SSTrack: after epoch 120 of 150)."""
+    """Step decay: lr / 10 after lr_drop_epoch (PNTrack/SSTrack: after epoch 120 of 150); the stem's group at 0
+    while epoch <= stem_freeze_epochs."""
     for g in optimizer.param_groups:
-        g["lr"] = cfg.lr * g["lr_scale"] * (0.1 if epoch > cfg.lr_drop_epoch else 1.0)
+        frozen = g.get("stem", False) and epoch <= cfg.stem_freeze_epochs
+        g["lr"] = 0.0 if frozen else cfg.lr * g["lr_scale"] * (0.1 if epoch > cfg.lr_drop_epoch else 1.0)
 
 
 def duration(seconds):
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def main(argv=None):
-    """Train; returns the exit code (0 done, 1 stopped on a non-finite loss, 2 bad input)."""
-    args = parse_args(argv)
-    # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: then every process trains on its own share of each
-    # epoch and DDP averages the gradients (NCCL between GPUs, gloo between CPU processes)
+def export(args):
+    """--export PATH: OUT/pntrack.pt as fp16 weights with the preset's current tracker settings."""
+    src = os.path.join(args.out, "pntrack.pt")
+    if not os.path.isfile(src):
+        raise ValueError(f"--export: {src} does not exist (train first, or give --out)")
+    net = pntrack.load_checkpoint(src)
+    # the tracker's settings (not the weights) follow the preset as it is now (DESIGN §6, chosen on validation)
+    preset = pntrack.make_config(net.cfg.name)
+    net.cfg = pntrack.replace(net.cfg, **{k: getattr(preset, k) for k in TRACKER_FIELDS})
+    pntrack.save_checkpoint(args.export, net, half=True)
+    print(f"wrote {args.export} ({os.path.getsize(args.export) / 1e6:.1f} MB, fp16) from {src}, tracker "
+          f"settings of the {net.cfg.name} preset: " + ", ".join(f"{k} {getattr(net.cfg, k)}" for k in TRACKER_FIELDS))
+    return 0
+
+
+def run_explain(args):
+    """--explain DIR: the figures, from --ckpt (else OUT/pntrack.pt, else the shipped weights) and its train.log."""
+    ckpt = args.ckpt or next((p for p in (os.path.join(args.out, "pntrack.pt"), track.SHIPPED_CKPT)
+                              if os.path.isfile(p)), None)
+    logs = [os.path.join(os.path.dirname(ckpt), "train.log")] if ckpt else []
+    log = next((p for p in logs + [os.path.join(args.out, "train.log")] if os.path.isfile(p)), None)
+    if args.log and not os.path.isfile(args.log):
+        raise ValueError(f"--log {args.log}: no such file")
+    explain(args.explain, ckpt=ckpt, data=args.data, log=args.log or log, cfg=config_from_args(args),
+            seed=args.seed, n_clips=max(args.eval_clips, 1), device=args.device)
+    return 0
+
+
+def load_data(args, cfg):
+    """Training sequences (--data, else generated videos) and what to evaluate on (--val, else held-out clips)."""
+    if args.data:
+        sequences, problems = find_sequences(args.data, cfg)
+        for msg in problems:
+            print(f"warning: skipping {msg}", file=sys.stderr)
+        if not sequences:
+            raise ValueError(f"--data {args.data}: no usable sequence found (a folder of frames with "
+                             f"groundtruth.txt / groundtruth_rect.txt / init.txt, or video/image + <name>.txt)")
+    else:
+        sequences = GeneratedSequences(args.seed, style=cfg.generated)
+    val = find_val_sequences(args.val) if args.val else held_out_clips(args.eval_clips, style=cfg.generated)
+    return sequences, val
+
+
+def setup_process(args):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: then every process trains on its own share of each epoch and
+    DDP averages the gradients (NCCL between GPUs, gloo between CPU processes). -> (distributed, rank, world, device)"""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = 0, 1
     if distributed:
@@ -1162,95 +1227,84 @@ def main(argv=None):
     if device.type == "cuda" and distributed:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    main_process = rank == 0       # only rank 0 prints, writes checkpoints and evaluates
+    return distributed, rank, world, device
 
-    def log(msg):                  # the progress lines also go to OUT/train.log, so nothing is lost with the terminal
-        if main_process:
-            print(msg, flush=True)
-            with open(os.path.join(args.out, "train.log"), "a") as f:
-                f.write(msg + "\n")
 
-    # bad input (no data, unreadable files) ends here with one line and exit code 2; single bad sequences
-    # are only skipped, with a warning naming the file
+def build_model(args, cfg, device, log):
+    """Network + DCA, its starting weights and the optimizer -> (model, optimizer, first epoch); raises ValueError
+    for weights that cannot be used. Starts: --resume (OUT/last.pt), --pretrained, or fresh (an effnet-lite0 stem
+    then loads its ImageNet weights)."""
+    model = pntrack.SelfSupervised(cfg).to(device)
+    if cfg.stem == "effnet-lite0" and not args.pretrained and not args.resume:
+        used, unused = pntrack.load_stem_weights(model.net.patch_embed)
+        log(f"stem effnet-lite0: {len(used)} ImageNet tensors loaded ({pntrack.stem_weights_file()}); "
+            f"{len(unused)} unused (blocks {pntrack.STEM_BLOCKS}-15, conv head, classifier)")
+    if args.pretrained:
+        try:
+            missing, unexpected = pntrack.load_pretrained(model.net, args.pretrained)
+        except ValueError as e:
+            raise ValueError(f"--pretrained {e}") from None
+        log(f"pretrained {args.pretrained}: missing {len(missing)} keys (head: trained from scratch), "
+            f"unused {len(unexpected)} ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})")
+    optimizer = make_optimizer(model, cfg)
+    start_epoch = 1
+    # --resume: weights, optimizer moments, RNG and the last finished epoch; the data of an epoch is a
+    # function of (seed, epoch, index), so the resumed run sees exactly what an uninterrupted one would
+    if args.resume:
+        last_path = os.path.join(args.out, "last.pt")
+        state = load_resume(last_path, model, optimizer, device)
+        start_epoch = state["epoch"] + 1
+        log(f"resuming from {last_path}: epoch {state['epoch']} done")
+    return model, optimizer, start_epoch
+
+
+def main(argv=None):
+    """Train; returns the exit code (0 done, 1 stopped on a non-finite loss, 2 bad input). One line per mode:"""
+    args = parse_args(argv)
     try:
         if args.make_split:
             make_split(args.data or os.path.join("..", "shared", "data"), args.make_split)
             return 0
         if args.export:
-            src = os.path.join(args.out, "pntrack.pt")
-            if not os.path.isfile(src):
-                raise ValueError(f"--export: {src} does not exist (train first, or give --out)")
-            net = pntrack.load_checkpoint(src)
-            # the tracker's settings (not the weights) follow the preset as it is now (DESIGN §6, chosen on validation)
-            preset = pntrack.make_config(net.cfg.name)
-            net.cfg = pntrack.replace(net.cfg, **{k: getattr(preset, k) for k in TRACKER_FIELDS})
-            pntrack.save_checkpoint(args.export, net, half=True)
-            print(f"wrote {args.export} ({os.path.getsize(args.export) / 1e6:.1f} MB, fp16) from {src}, tracker "
-                  f"settings of the {net.cfg.name} preset: " + ", ".join(f"{k} {getattr(net.cfg, k)}" for k in TRACKER_FIELDS))
-            return 0
+            return export(args)
         if args.explain:
-            ckpt = args.ckpt or next((p for p in (os.path.join(args.out, "pntrack.pt"), track.SHIPPED_CKPT)
-                                      if os.path.isfile(p)), None)
-            logs = [os.path.join(os.path.dirname(ckpt), "train.log")] if ckpt else []
-            log = next((p for p in logs + [os.path.join(args.out, "train.log")] if os.path.isfile(p)), None)
-            if args.log and not os.path.isfile(args.log):
-                raise ValueError(f"--log {args.log}: no such file")
-            log = args.log or log
-            explain(args.explain, ckpt=ckpt, data=args.data, log=log, cfg=config_from_args(args), seed=args.seed,
-                    n_clips=max(args.eval_clips, 1), device=args.device)
-            return 0
+            return run_explain(args)
         cfg = config_from_args(args)
         os.makedirs(args.out, exist_ok=True)
-        if args.data:
-            sequences, problems = find_sequences(args.data, cfg)
-            for msg in problems:
-                print(f"warning: skipping {msg}", file=sys.stderr)
-            if not sequences:
-                raise ValueError(f"--data {args.data}: no usable sequence found (a folder of frames with "
-                                 f"groundtruth.txt / groundtruth_rect.txt / init.txt, or video/image + <name>.txt)")
-        else:
-            sequences = GeneratedSequences(args.seed, style=cfg.generated)
-        val = find_val_sequences(args.val) if args.val else held_out_clips(args.eval_clips, style=cfg.generated)
-    except ValueError as e:
+        sequences, val = load_data(args, cfg)
+        if args.mae:
+            return pretrain_mae(args, cfg, sequences)
+        return train(args, cfg, sequences, val)
+    except ValueError as e:       # bad input ends here: one line, exit code 2 (single bad sequences are skipped)
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+
+def make_log(out, main_process=True):
+    """The progress lines also go to OUT/train.log, so nothing is lost with the terminal (rank 0 only)."""
+    def log(msg):
+        if main_process:
+            print(msg, flush=True)
+            with open(os.path.join(out, "train.log"), "a") as f:
+                f.write(msg + "\n")
+    return log
+
+
+def train(args, cfg, sequences, val):
+    """The training run: setup, the loop over epochs (checkpoints after each), the final evaluation."""
+    distributed, rank, world, device = setup_process(args)
+    main_process = rank == 0       # only rank 0 prints, writes checkpoints and evaluates
+    log = make_log(args.out, main_process)
     # the torch seed drives weight init, drop-path and the noise-token draws; the data has its own seeds
     torch.manual_seed(args.seed + rank)
-    if args.mae:
-        if distributed:
-            print("error: --mae runs in one process (start it with python, not torchrun)", file=sys.stderr)
-            return 2
-        return pretrain_mae(args, cfg, sequences, device, log)
-    model = pntrack.SelfSupervised(cfg).to(device)
-    if args.pretrained:
-        try:
-            missing, unexpected = pntrack.load_pretrained(model.net, args.pretrained)
-        except ValueError as e:
-            print(f"error: --pretrained {e}", file=sys.stderr)
-            return 2
-        log(f"pretrained {args.pretrained}: missing {len(missing)} keys (head: trained from scratch), "
-            f"unused {len(unexpected)} ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})")
-    optimizer = make_optimizer(model, cfg)
-    start_epoch = 1
+    model, optimizer, start_epoch = build_model(args, cfg, device, log)
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "pntrack.pt")
-    # --resume: weights, optimizer moments, RNG and the last finished epoch; the data of an epoch is a
-    # function of (seed, epoch, index), so the resumed run sees exactly what an uninterrupted one would
-    if args.resume:
-        state = load_resume(last_path, model, optimizer, device)
-        if state is None:
-            return 2
-        start_epoch = state["epoch"] + 1
-        log(f"resuming from {last_path}: epoch {state['epoch']} done")
-
-    n_params = sum(p.numel() for p in model.net.parameters())
-    log(f"config {cfg.name}: {n_params / 1e6:.1f}M parameters at inference, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M in training (DCA included); "
+    log(f"config {cfg.name}: {sum(p.numel() for p in model.net.parameters()) / 1e6:.1f}M parameters at inference, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M in training (DCA included), stem {cfg.stem}; "
         f"data: {args.data or 'generated videos'} ({len(sequences)} sequences); device {device}, {world} process(es)")
     # the whole cycle (3 forward + 2 backward steps) is one forward of SelfSupervised, so DDP sees one call
     # per step; parameters a DCA mode leaves idle (the noise decoder in prompt mode) need find_unused
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
-
     data = CycleData(sequences, cfg, cfg.samples_per_epoch, args.seed)
     indices = list(range(rank, cfg.samples_per_epoch, world))     # each process its own share of the epoch
     # on a 2-core CPU a loader process only takes time from the model (measured: 11.6 vs 12.6 samples/s)
@@ -1259,12 +1313,9 @@ def main(argv=None):
                                          drop_last=True, persistent_workers=False, collate_fn=collate)
     steps = len(loader)
     if steps == 0:
-        print(f"error: --samples-per-epoch {cfg.samples_per_epoch} gives no full batch of {cfg.batch_size} "
-              f"per process", file=sys.stderr)
-        return 2
-    start, done_steps = time.time(), 0
-    total_steps = steps * (cfg.epochs - start_epoch + 1)
-    stopped = False
+        raise ValueError(f"--samples-per-epoch {cfg.samples_per_epoch} gives no full batch of {cfg.batch_size} per process")
+    start, done_steps, total_steps, stopped = time.time(), 0, steps * (cfg.epochs - start_epoch + 1), False
+
     for epoch in range(start_epoch, cfg.epochs + 1):
         data.epoch = epoch
         set_lr(optimizer, cfg, epoch)
@@ -1288,17 +1339,14 @@ def main(argv=None):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)     # 0.1, as SSTrack/OSTrack
             optimizer.step()
-            sums += terms.detach().float().cpu()
-            done_steps, count = done_steps + 1, count + 1
+            sums, done_steps, count = sums + terms.detach().float().cpu(), done_steps + 1, count + 1
             if step % args.log_every == 0 or step == steps:
                 elapsed = time.time() - start
-                rate = done_steps * cfg.batch_size * world / elapsed
-                eta = elapsed / done_steps * (total_steps - done_steps)
-                avg, count = sums / max(count, 1), 0
-                sums.zero_()
+                avg, sums, count = sums / max(count, 1), torch.zeros_like(sums), 0
                 log(f"epoch {epoch}/{cfg.epochs} step {step}/{steps} | "
                     + " ".join(f"{n} {v:.3f}" for n, v in zip(pntrack.TERMS, avg.tolist()))
-                    + f" | dca {mode or 'off'} | {rate:.1f} samples/s | ETA {duration(eta)}")
+                    + f" | dca {mode or 'off'} | {done_steps * cfg.batch_size * world / elapsed:.1f} samples/s"
+                    + f" | ETA {duration(elapsed / done_steps * (total_steps - done_steps))}")
             # --max-minutes: stop mid-epoch with the weights saved; last.pt keeps the previous epoch as done
             if args.max_minutes and time.time() - start > args.max_minutes * 60:
                 stopped = True
@@ -1316,15 +1364,14 @@ def main(argv=None):
         if main_process and val and args.eval_every and epoch % args.eval_every == 0 and epoch < cfg.epochs:
             auc, base, _, _ = evaluate_tracker(model.net, val, device)
             log(f"epoch {epoch}: success AUC {auc:.3f} (static-box baseline {base:.3f})")
-    # the final check: the inference Tracker (no DCA) on clips or sequences never trained on
-    if main_process and val:
+
+    if main_process and val:       # the final check: the inference Tracker (no DCA) on what training never saw
         auc, base, ours, static = evaluate_tracker(model.net, val, device)
-        where = args.val or f"{len(val)} held-out generated clips"
         if args.val:                   # a handful of real sequences: show each one
             for seq, a, b in zip(val, ours, static):
                 log(f"  {seq.name}: success AUC {a:.3f} (static-box baseline {b:.3f})")
-        log(f"done in {duration(time.time() - start)}: success AUC {auc:.3f} on {where} "
-            f"(static-box baseline {base:.3f}); checkpoint {best_path}")
+        log(f"done in {duration(time.time() - start)}: success AUC {auc:.3f} on "
+            f"{args.val or f'{len(val)} held-out generated clips'} (static-box baseline {base:.3f}); checkpoint {best_path}")
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
