@@ -610,6 +610,9 @@ def load_pretrained(net, path):
         if "config" in ckpt and "pos_x" in state:
             # a pntrack.pt (e.g. trained on generated videos) to start from: the whole network, names as ours
             mapped = state
+        elif net.cfg.stem != "patch16":
+            raise ValueError(f"MAE / DropMAE weights are a ViT's 16-px patch embedding and blocks; this config's "
+                             f"stem is {net.cfg.stem} (train with --stem patch16 to use them)")
         else:
             for key, value in state.items():
                 if key == "pos_embed":

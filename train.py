@@ -461,7 +461,10 @@ def make_sample(seq, cfg, rng):
             affine = [[1 / s, 0, (W - W / s) / 2 + shift[0]], [0, 1 / s, (H - H / s) / 2 + shift[1]]]
             full.append(f0.transform(f0.size, Image.AFFINE, sum(affine, []), Image.BILINEAR))
     frames = [letterbox(im, cfg.frame_size) for im in full]
-    views, targets = zip(*(augmented_view(f0, b0, cfg, rng, cfg.search_size, cfg.search_factor) for _ in range(cfg.n_bwd)))
+    try:
+        views, targets = zip(*(augmented_view(f0, b0, cfg, rng, cfg.search_size, cfg.search_factor) for _ in range(cfg.n_bwd)))
+    except np.linalg.LinAlgError:    # a box so small (1e-300 px) that the view's affine map underflows to singular
+        targets = np.nan
     # NaN, inf or absurd view targets (a sub-pixel first box) would make the loss NaN: CycleData drops the sequence
     if not (np.abs(targets) < 1e3).all():
         raise ValueError(f"first box {pntrack.format_box(pntrack.cxcywh_to_xywh(b0))} gives view targets that "
@@ -865,6 +868,14 @@ def tracking_gif(path, net, device, n_clips, size=160, n_frames=40):
     return clip.name, aucs[k], float(np.mean(aucs))
 
 
+def repo_path(path):
+    """A file's name for figure titles: relative to the repository when it lies inside it (the same on every
+    machine), else as given."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    rel = os.path.relpath(os.path.abspath(path), repo)
+    return path if rel.startswith("..") else rel
+
+
 def explain(out_dir, ckpt=None, data=None, log=None, cfg=None, batch_size=4, n_clips=16, seed=0, device=None):
     """Write the figures of one training step to out_dir (see this section's header). ckpt: a pntrack.pt (the
     DCA weights come from a last.pt beside it, if there is one); None: an untrained network of `cfg`. data: a
@@ -881,13 +892,13 @@ def explain(out_dir, ckpt=None, data=None, log=None, cfg=None, batch_size=4, n_c
     weights = "untrained network"
     if net:
         model.net.load_state_dict(net.state_dict())
-        weights, last = ckpt, os.path.join(os.path.dirname(ckpt), "last.pt")
+        weights, last = repo_path(ckpt), os.path.join(os.path.dirname(ckpt), "last.pt")
         try:                                  # the noise decoder and the context type embedding live there
             state = torch.load(last, map_location="cpu", weights_only=True)["model"]
             model.dca.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("dca.")})
-            weights += f" (DCA parts from {last})"
+            weights += f" (DCA parts from {repo_path(last)})"
         except (OSError, KeyError, RuntimeError):
-            weights += f" (DCA parts untrained: no usable {last} beside it)"
+            weights += f" (DCA parts untrained: no usable {repo_path(last)} beside it)"
     print(f"explain: {weights}")
     tracked = copy.deepcopy(model.net)       # for tracking.gif: the steps below update BatchNorm's running stats
     model.to(device).train()                   # train mode, as in a training step (BatchNorm batch statistics)
