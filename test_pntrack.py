@@ -1785,7 +1785,7 @@ def test_model_fps_counts_only_the_frames_the_network_saw():
     n = torch.get_num_threads()
     assert track.speed_line(12, 2.0, 0.5, 10, tracker) == \
         f"speed: 20.0 FPS model, 6.0 FPS end to end (cpu, {n} thread{'s' * (n > 1)}, tiny, 12 frames); " \
-        f"box held on 0 of 10 frames (peak score < 0.5)"
+        f"box held on 0 of 10 frames (peak score < {tracker.cfg.hold_below_score:g})"
 
 
 # --- the command line: inputs built in the tests ----------------------------------------------------------
@@ -2085,17 +2085,20 @@ def test_track_uses_out_pntrack_pt_when_present_else_the_shipped_weights(clip, c
     assert f"checkpoint: {os.path.join('out', 'pntrack.pt')}\n" in out and "shipped" not in out
 
 
-def test_shipped_weights_on_otb_crossing_score_what_the_readme_reports_and_beat_the_static_box(capsys):
-    folder = os.path.join(SEQUENCES, "otb_Crossing")
-    if not os.path.isdir(folder):
+def test_shipped_weights_on_the_test_sequences_score_what_the_readme_reports_and_beat_the_static_box(capsys):
+    if not all(os.path.isdir(os.path.join(SEQUENCES, n)) for n in train.TEST_SEQUENCES):
         pytest.skip("../shared/data/sequences is absent")
-    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
-    row = next(l for l in readme.splitlines() if l.startswith("| otb_Crossing | "))
-    static, reported = float(row.split("|")[2]), float(row.split("|")[5])      # static, KCF, CSRT, shipped
-    code, out, err = run(capsys, folder, "--ckpt", track.SHIPPED_CKPT, "--threads", "1")
-    assert code == 0, err
-    auc = printed_scores(out)[0] / 100
-    assert abs(auc - reported) <= 0.05 and auc > static, (auc, reported, static)
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read().splitlines()
+    ours, static = [], []
+    for name in train.TEST_SEQUENCES:
+        row = next(l for l in readme if l.startswith(f"| {name} | "))      # the shipped weights' test table
+        cells = row.split("|")
+        code, out, err = run(capsys, os.path.join(SEQUENCES, name), "--ckpt", track.SHIPPED_CKPT, "--threads", "1")
+        assert code == 0, err
+        auc = printed_scores(out)[0] / 100
+        assert abs(auc - float(cells[5])) <= 0.01, (name, auc, cells[5])     # what the README reports
+        ours.append(auc), static.append(float(cells[2]))
+    assert np.mean(ours) > np.mean(static) + 0.1, (ours, static)
 
 
 def test_shipped_weights_are_an_fp16_export_with_the_tiny_presets_tracker_settings():
@@ -2115,9 +2118,10 @@ def test_shipped_weights_are_an_fp16_export_with_the_tiny_presets_tracker_settin
 
 def test_shipped_weights_track_generated_clips_better_than_the_static_box_and_their_window_helps():
     # in every run, ../shared or not: the trained network's score maps, the Hann window and the box decoding on
-    # 8 held-out generated clips (simple style, 40 frames). Measured (2026-11-28, 1 thread): the shipped patch16
-    # weights 0.363 vs the static box 0.269; without the hold, window 0.339 vs flat 0.265; effnet-lite0 runs of the
-    # same day 0.43-0.65 vs 0.269 and window 0.36-0.60 vs flat 0.24-0.52
+    # 8 held-out generated clips (simple style, 40 frames). Measured (2026-11-28, 1 thread, the effnet-lite0 weights
+    # shipped that day): 0.308 vs the static box 0.269; without the hold, window 0.295 vs flat 0.230 (the first
+    # design's weights: 0.363 vs 0.269, window 0.339 vs flat 0.265). Margins below about half of those gaps,
+    # since another CPU's float sums can flip a few frames
     net = pntrack.load_checkpoint(track.SHIPPED_CKPT)
     clips = train.held_out_clips(8, n_frames=40, style="simple")
     gts = [np.stack([c.box(t) for t in range(len(c))]) for c in clips]
@@ -2141,7 +2145,7 @@ def test_shipped_weights_track_generated_clips_better_than_the_static_box_and_th
         torch.set_num_threads(threads)
     print(f"shipped weights on 8 generated clips: AUC {ours:.3f} (static box {static:.3f}); without the hold "
           f"{windowed:.3f}, and with a flat window {flat:.3f}")
-    assert ours > static + 0.03 and windowed > flat + 0.02, (ours, static, windowed, flat)
+    assert ours > static + 0.015 and windowed > flat + 0.03, (ours, static, windowed, flat)
 
 
 def test_help_exits_0_and_shows_the_typical_commands(capsys):
@@ -2848,11 +2852,17 @@ def test_tracker_with_cached_template_tokens_gives_the_same_boxes_and_embeds_eac
         boxes, _, _ = track.run_tracker(tracker, (clip.frame(t) for t in range(len(clip))), clip.box(0))
         runs[cache] = boxes, calls
     assert np.allclose(runs[True][0], runs[False][0], atol=1e-3)
-    # cached: one stem call per stored template (first frame + each later frame) and one per search crop;
-    # uncached: every frame re-embeds n_templates crops
+    # cached: one stem call per search crop and one per template the memory ever handed out (the first frame and
+    # the segment midpoints picked so far), each once; uncached: every frame re-embeds n_templates crops
     n = len(clip) - 1
-    assert sum(runs[True][1]) == (1 + n) + n
+    picked = {0} | {f for t in range(1, n + 1) for f in pntrack.Tracker.memory_picks(replace_cfg_tracker(cfg, t))}
+    assert sum(runs[True][1]) == n + len(picked) < n * cfg.n_templates
     assert sum(runs[False][1]) == n * cfg.n_templates + n
+
+
+def replace_cfg_tracker(cfg, frame_no):
+    """A stand-in with what `Tracker.memory_picks` reads: the picks at frame `frame_no` (memory never thinned)."""
+    return argparse.Namespace(cfg=cfg, frame_no=frame_no)
 
 
 def test_stem_config_fields_change_what_training_does():

@@ -1108,7 +1108,7 @@ def parse_args(argv):
     g.add_argument("--dca-schedule", choices=["hard", "soft"], help="hard switch at K, or a linear ramp around it")
     g.add_argument("--no-contrast", action="store_true", help="drop the instance contrastive loss")
     g.add_argument("--grad-through-crop", action="store_true",
-                   help="let the backward loss reach forward boxes (needs --template-crop batched)")
+                   help="let the backward loss reach forward boxes (needs --template-crop batched and --forward-search global)")
     g.add_argument("--template-crop", choices=["full", "batched"],
                    help="backward templates re-cropped from full frames (SSTrack) or one batched crop of letterboxes")
     g = p.add_argument_group("real-video options for the tiny model (ours, DESIGN §6; measured in the README)")
