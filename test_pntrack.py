@@ -834,6 +834,13 @@ def test_random_query_is_a_learned_parameter_that_receives_a_gradient():
     assert model.dca.query.grad is not None and model.dca.query.grad.abs().sum() > 0
 
 
+def record_step_boxes(model, monkeypatch):
+    """Every tracking step's decoded box (B, 4), in order, appended to the returned list while the model runs."""
+    boxes, step = [], model.step
+    monkeypatch.setattr(model, "step", lambda *a: (lambda r: boxes.append(r[4]) or r)(step(*a)))
+    return boxes
+
+
 def test_backward_templates_are_the_trackers_crops_of_the_full_frames_at_the_forward_boxes(monkeypatch):
     torch.manual_seed(0)
     cfg = make_config("tiny", forward_search="local")
@@ -843,9 +850,7 @@ def test_backward_templates_are_the_trackers_crops_of_the_full_frames_at_the_for
     originals = [{"box": box0, "frames": [Image.fromarray(f) for f in frames[1:]]}]
     template, lb, views, targets = tiny_batch(B=1)
     calls = record_encode_calls(model, monkeypatch)
-    boxes_seen = []
-    step = model.step
-    monkeypatch.setattr(model, "step", lambda *a: (lambda r: boxes_seen.append(r[4]) or r)(step(*a)))
+    boxes_seen = record_step_boxes(model, monkeypatch)
     with torch.no_grad():
         model(template, lb, views, targets, mode=None, originals=originals)
     prev = box0
@@ -868,9 +873,7 @@ def test_global_forward_search_maps_its_boxes_from_the_letterbox_to_full_frame_p
     lb = torch.from_numpy(np.stack([train.letterbox(im, 256) for im in originals[0]["frames"]])).permute(0, 3, 1, 2)
     template, _, views, targets = tiny_batch(B=1)
     calls = record_encode_calls(model, monkeypatch)
-    boxes_seen = []
-    step = model.step
-    monkeypatch.setattr(model, "step", lambda *a: (lambda r: boxes_seen.append(r[4]) or r)(step(*a)))
+    boxes_seen = record_step_boxes(model, monkeypatch)
     with torch.no_grad():
         model(template, lb[None], views, targets, mode=None, originals=originals)
     for t in range(3):          # the box is normalised to the whole letterbox, whose side spans 320 frame px
@@ -3213,3 +3216,9 @@ def test_figure_titles_name_checkpoints_relative_to_the_repo(tmp_path):
     repo = os.path.dirname(os.path.abspath(__file__))
     assert train.repo_path(os.path.join(repo, "assets", "pntrack-tiny.pt")) == os.path.join("assets", "pntrack-tiny.pt")
     assert train.repo_path(str(tmp_path / "pntrack.pt")) == str(tmp_path / "pntrack.pt")     # outside: as given
+
+
+def test_mae_needs_the_patch16_stem_one_line_exit_2(tmp_path, capsys):
+    assert train.main(["--mae", "--out", str(tmp_path), "--epochs", "1", "--samples-per-epoch", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--mae" in err[0] and "--stem patch16" in err[0]
