@@ -435,6 +435,8 @@ def test_template_memory_stays_bounded_and_keeps_frame_numbers_in_time_order():
         assert len(tracker.memory) < 8            # 2 * memory_size: thinned by half when reached
     # frames 0..7 stored, thinned to 0, 2, 4, 6 at frame 7; 8..11 added, thinned again at frame 11
     assert [n for n, _ in tracker.memory] == [0, 4, 8, 10] and tracker.frame_no == 11
+    # the cached template tokens follow the thinning: only stored frames, the first one among them
+    assert 0 in tracker.tokens and set(tracker.tokens) <= {n for n, _ in tracker.memory}
 
 
 class ConstantNet(pntrack.PNTrack):
@@ -2204,10 +2206,11 @@ def test_load_pretrained_accepts_a_pntrack_checkpoint_to_start_from(tmp_path):
 DEMO_GT = os.path.splitext(track.DEMO_CLIP)[0] + "_gt.txt"     # frame_index,x,y,w,h lines drawn by hand
 # Mean IoU of the shipped weights on the hand-drawn frames of the demo clip. Measured with
 # `pytest -q test_pntrack.py -k demo_with_no_arguments -s` (it prints the mean IoU and the static first box's):
-# assets/pntrack-tiny.pt of 2026-11-28 scores 0.344 (the static first box: 0.382; these weights hold the box on
-# 130 of 131 frames). A box that leaves the rabbit scores below 0.1 on these frames; the floor sits 0.09 under
-# the measurement, room for float differences between machines. Re-measure and raise it when the weights change.
-DEMO_IOU_FLOOR = 0.25
+# the effnet-lite0 assets/pntrack-tiny.pt of 2026-11-28 scores 0.393 (the static first box: 0.382; the first
+# design's weights scored 0.344, holding the box on 130 of 131 frames). A box that leaves the rabbit scores below
+# 0.1 on these frames; the floor sits 0.09 under the measurement, room for float differences between machines.
+# Re-measure and move it when the weights change.
+DEMO_IOU_FLOOR = 0.30
 
 
 def test_demo_with_no_arguments_tracks_the_shipped_clip_and_overlaps_the_hand_drawn_ground_truth(tmp_path, capsys, monkeypatch):
