@@ -1208,7 +1208,8 @@ class Tracker:
             self.memory.append((self.frame_no, self._template(image, self.box)))
         if len(self.memory) >= 2 * cfg.memory_size:            # bounded memory: keep every other crop
             self.memory = self.memory[::2]
-            self.tokens = {f: t for f, t in self.tokens.items() if f in dict(self.memory)}
+            kept = {f for f, _ in self.memory}
+            self.tokens = {f: t for f, t in self.tokens.items() if f in kept}
         return cxcywh_to_xywh(self.box)
 
 

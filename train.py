@@ -1247,8 +1247,9 @@ def build_model(args, cfg, device, log):
     then loads its ImageNet weights)."""
     model = pntrack.SelfSupervised(cfg).to(device)
     if cfg.stem == "effnet-lite0" and not args.pretrained and not args.resume:
-        used, unused = pntrack.load_stem_weights(model.net.patch_embed)
-        log(f"stem effnet-lite0: {len(used)} ImageNet tensors loaded ({pntrack.stem_weights_file()}); "
+        path = pntrack.stem_weights_file()
+        used, unused = pntrack.load_stem_weights(model.net.patch_embed, path)
+        log(f"stem effnet-lite0: {len(used)} ImageNet tensors loaded ({path}); "
             f"{len(unused)} unused (blocks {pntrack.STEM_BLOCKS}-15, conv head, classifier)")
     if args.pretrained:
         try:
