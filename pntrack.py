@@ -67,6 +67,8 @@ class Config:
     memory_min_score: float = 0.0    # store a frame's template only if its peak score C reaches this (0: all)
     max_size_change: float = 0.0     # bound on the per-frame relative change of w and h, e.g. 0.1 = +-10% (0: off)
     hold_below_score: float = 0.0    # keep the last box where the peak score C is below this (0: always move)
+    window_power: float = 1.0        # ours (DESIGN §6): score x hann^p; p > 1 penalises jumps more (OSTrack: 1)
+    keep_aspect: bool = False        # ours (DESIGN §6): w:h stays the first box's, the predicted w*h sets the size
     # DCA (DESIGN §3; PNTrack)
     dca: bool = True
     prompt: bool = True              # prompt mode for epoch <= dca_epoch
@@ -128,7 +130,10 @@ PRESETS = {
                  # pixels); and a tracker whose sizes change at most 1% per frame and whose box stays put where
                  # the peak score is below 0.4 (re-chosen for the pretrained stem: 11% of validation frames held)
                  stem="effnet-lite0", stem_lr_mult=0.0,
-                 forward_search="local", max_size_change=0.01, hold_below_score=0.4),
+                 forward_search="local", max_size_change=0.01, hold_below_score=0.4,
+                 # and, chosen the same way (README "Real video", tracker settings): a squared cosine window
+                 # (a stronger motion prior) and the first box's aspect ratio kept
+                 window_power=2.0, keep_aspect=True),
     "pntrack-256": dict(embed_dim=768, depth=12, n_heads=12, template_size=128, search_size=256,
                         search_factor=4.0, drop_path=0.1, frame_size=512),
     "pntrack-384": dict(embed_dim=768, depth=12, n_heads=12, template_size=192, search_size=384,
@@ -1128,7 +1133,7 @@ class Tracker:
         self.cache_templates = cache_templates
         self.device = pick_device(device)
         self.net = fold_batchnorm(net).to(self.device)    # an inference copy: `net` itself is left as it was
-        self.window = hann2d(math.isqrt(net.n_x)).to(self.device)
+        self.window = hann2d(math.isqrt(net.n_x)).to(self.device) ** net.cfg.window_power   # ours (DESIGN §6)
         self.model_seconds = 0.0        # time spent in the network alone, for the "model FPS" figure
         self.held = 0                   # frames whose box was held (peak score < hold_below_score), all runs
 
@@ -1153,6 +1158,7 @@ class Tracker:
         check_box(box, *image.size)                             # finite, w, h > 0, overlapping, not absurd
         x, y, w, h = (float(v) for v in box)
         self.box = np.array([x + w / 2, y + h / 2, w, h])
+        self.aspect = w / h                                     # for keep_aspect
         self.first = self._template(image, self.box)          # (3, Sz, Sz)
         self.frame_no = 0                                       # index of the current frame; the first is 0
         self.memory = [(0, self.first)]                         # (frame number, template crop), in time order
@@ -1202,6 +1208,9 @@ class Tracker:
         if cfg.max_size_change > 0:            # ours (DESIGN §6): w and h change at most this much per frame
             r = 1 + cfg.max_size_change
             box[2:] = np.clip(box[2:], self.box[2:] / r, self.box[2:] * r)
+        if cfg.keep_aspect:                    # ours (DESIGN §6): the predicted area, the first box's w:h
+            area = box[2] * box[3]
+            box[2:] = math.sqrt(area * self.aspect), math.sqrt(area / self.aspect)
         self.box = clip_box(box, *image.size)
         # template memory; ours (DESIGN §6): a frame whose peak score is below memory_min_score is left out
         if peak >= cfg.memory_min_score:

@@ -571,7 +571,8 @@ class LabelledSequence:
         return self.gt[t]
 
 
-TRACKER_FIELDS = ("n_templates", "memory_size", "memory_min_score", "max_size_change", "hold_below_score")  # inference only
+TRACKER_FIELDS = ("n_templates", "memory_size", "memory_min_score", "max_size_change", "hold_below_score",
+                  "window_power", "keep_aspect")                                          # inference only
 
 
 # The real-data split (README "Real video"): chosen once, by name, before any sequence was scored.
