@@ -1438,7 +1438,7 @@ def test_export_writes_fp16_weights_with_the_presets_tracker_settings_and_the_ru
     run = tmp_path / "run"
     # a run whose tracker settings differ from the preset's (and one network setting, depth 2)
     own = make_config("tiny", n_templates=2, memory_size=8, memory_min_score=0.3, max_size_change=0.2,
-                      hold_below_score=0.1, depth=2, dca_epoch=20)
+                      hold_below_score=0.1, window_power=1.0, keep_aspect=False, depth=2, dca_epoch=20)
     torch.manual_seed(0)
     net = pntrack.PNTrack(own)
     pntrack.save_checkpoint(str(run / "pntrack.pt"), net)
@@ -1454,6 +1454,7 @@ def test_export_writes_fp16_weights_with_the_presets_tracker_settings_and_the_ru
         assert torch.equal(v, weights[k].half() if weights[k].is_floating_point() else weights[k]), k
     back = pntrack.load_checkpoint(str(tmp_path / "ship.pt"))
     assert back.cfg.depth == 2 and back.cfg.hold_below_score == preset.hold_below_score
+    assert (back.cfg.window_power, back.cfg.keep_aspect) == (2.0, True)      # every inference-only field, named
     assert next(back.parameters()).dtype == torch.float32
     # nothing to export: one line, exit 2
     assert train.main(["--out", str(tmp_path / "none"), "--export", str(tmp_path / "x.pt")]) == 2
