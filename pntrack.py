@@ -1169,6 +1169,7 @@ class Tracker:
         """The frames changed size by (sx, sy) (new / old): move the box with them. The stored template crops
         are left as they are (a crop is a view of the object, whatever the frame size)."""
         self.box = self.box * np.array([sx, sy, sx, sy])
+        self.aspect *= sx / sy                  # keep_aspect: the first box's w:h, in the new frames' pixels
 
     def memory_picks(self):
         """Frame numbers of the n - 1 memory templates: SSTrack's `select_memory_frames`. At frame t (frames

@@ -436,6 +436,10 @@ def test_keep_aspect_keeps_the_first_boxs_w_to_h_and_the_predicted_area(keep):
     x, y, w, h = tracker.update(frames[1])
     assert np.isclose(w * h, (0.9 * 48) ** 2)              # the head's square box, 0.9 of the crop: its area...
     assert np.isclose(w / h, 4.0 if keep else 1.0)         # ...with the first box's shape, or the head's own
+    # frames stretched 2x in width: the first box's shape in the new pixels is 8:1
+    tracker.rescale(2.0, 1.0)
+    x, y, w, h = tracker.update(np.repeat(frames[1], 2, axis=1))
+    assert np.isclose(w / h, 8.0 if keep else 1.0)
 
 
 @pytest.mark.parametrize("box", [(10, 10, 0, 5), (10, 10, 5, -1), (500, 10, 5, 5), (-20, -20, 10, 10)])
