@@ -69,6 +69,10 @@ class Config:
     hold_below_score: float = 0.0    # keep the last box where the peak score C is below this (0: always move)
     window_power: float = 1.0        # ours (DESIGN §6): score x hann^p; p > 1 penalises jumps more (OSTrack: 1)
     keep_aspect: bool = False        # ours (DESIGN §6): w:h stays the first box's, the predicted w*h sets the size
+    readout_power: float = 0.0       # ours (DESIGN §6): 0 = the box at the windowed score's peak (OSTrack); p > 0 =
+                                     # the mean of every cell's box weighted by (score x window)^p (soft read-out)
+    move_full_score: float = 0.0     # ours (DESIGN §6): above hold_below_score the box moves only part of the way,
+                                     # (peak - hold) / (this - hold), all of it from this peak up (0: all or nothing)
     # DCA (DESIGN §3; PNTrack)
     dca: bool = True
     prompt: bool = True              # prompt mode for epoch <= dca_epoch
@@ -514,6 +518,19 @@ class CenterHead(nn.Module):
         size = torch.sigmoid(self.size(f))                           # (B, 2, G, G): w, h / search side
         offset = self.offset(f)                                      # (B, 2, G, G): sub-cell offset, raw (OSTrack)
         return score, size, offset
+
+
+def soft_decode_box(score, size, offset, power):
+    """Ours (DESIGN §6): like `decode_box`, but the mean of every cell's box weighted by score^power, so a
+    near-tie of two cells moves the box a little instead of flipping it. (B, 1, G, G) maps -> (B, 4)."""
+    B, _, G, _ = score.shape
+    w = score.flatten(1) ** power
+    w = w / w.sum(1, keepdim=True)                                     # (B, G*G)
+    grid = torch.arange(G, dtype=size.dtype, device=size.device)
+    cx = (grid[None, :] + offset[:, 0]) / G                            # (B, G, G): each cell's box
+    cy = (grid[:, None] + offset[:, 1]) / G
+    cells = torch.stack([cx, cy, size[:, 0], size[:, 1]], 1).flatten(2)   # (B, 4, G*G)
+    return (cells * w[:, None]).sum(2)
 
 
 def decode_box(score, size, offset):
@@ -1205,8 +1222,14 @@ class Tracker:
             self.held += 1
             self.box = clip_box(self.box, *image.size)       # (the given first box may overhang the image)
             return cxcywh_to_xywh(self.box)
-        box = decode_box(score * self.window, size.float(), offset.float())[0]          # normalised crop box
+        if cfg.readout_power > 0:              # ours (DESIGN §6): soft read-out
+            box = soft_decode_box(score * self.window, size.float(), offset.float(), cfg.readout_power)[0]
+        else:
+            box = decode_box(score * self.window, size.float(), offset.float())[0]      # normalised crop box
         box = box_from_crop(box.cpu().double().numpy() * cfg.search_size, tf)           # image px
+        if cfg.move_full_score > cfg.hold_below_score:    # ours (DESIGN §6): an unsure frame moves part of the way
+            a = min(1.0, (peak - cfg.hold_below_score) / (cfg.move_full_score - cfg.hold_below_score))
+            box = self.box + a * (box - self.box)
         if cfg.max_size_change > 0:            # ours (DESIGN §6): w and h change at most this much per frame
             r = 1 + cfg.max_size_change
             box[2:] = np.clip(box[2:], self.box[2:] / r, self.box[2:] * r)

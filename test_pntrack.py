@@ -1177,6 +1177,9 @@ POOL2_TRAIN = ["dtb70_Animal1_first25", "got10k_football_first25", "lasot_airpla
                "otb_CarScale_first40", "otb_Coke_first40", "otb_Gym_first60", "otb_Human9_first60", "otb_Lemming_first40",
                "otb_Singer1_first40", "otb_Singer2_first40", "otb_Skating1_first40", "otb_Surfer_first60",
                "otb_Suv_first60", "otb_Tiger1_first40", "tc128_Logo_ce_first25", "uavdt_S0310_first20"]
+# pool3 (issue 24): new objects, training only; a sample of its names, enough for the every-4th rule to bite
+POOL3 = ["davis_blackswan", "davis_camel", "davis_cows", "davis_goat", "vot14_ball", "vot14_fish1", "vot14_hand1",
+         "vot14_sphere"]
 
 
 def test_the_validation_split_is_the_one_the_readme_names(tmp_path):
@@ -1198,15 +1201,25 @@ def test_the_validation_split_is_the_one_the_readme_names(tmp_path):
     (tmp_path / "pool2" / "README.md").write_text("not a sequence")        # files are not sequences
     for name in ("otb_Crossing", "otb_Girl", "vot15_bag", "otb_Couple"):
         (tmp_path / "sequences" / name).mkdir(parents=True)
+    for name in POOL3:                         # issue 24: pool3 trains, all of it (8 names: indices 3, 7 exist)
+        (tmp_path / "pool3" / name).mkdir(parents=True)
     split = train.real_split(str(tmp_path))
     assert [os.path.basename(f) for f in split["val"]] == VAL_SPLIT + VAL_SPLIT2
     assert sorted(os.path.basename(f) for f in split["test"]) == ["otb_Crossing", "otb_Girl", "vot15_bag"]
     assert sorted(os.path.basename(f) for f in split["train"]) == sorted(
-        [n for n in pool if n not in VAL_SPLIT] + POOL2_TRAIN + ["otb_Couple"])
+        [n for n in pool if n not in VAL_SPLIT] + POOL2_TRAIN + ["otb_Couple"] + POOL3)
     assert not set(split["train"]) & set(split["val"] + split["test"])
+    assert not any("pool3" in f for f in split["val"] + split["test"])
     real = os.path.join(os.path.dirname(SEQUENCES), "pool")
-    if os.path.isdir(real):                    # the real pools give the same split
-        assert [os.path.basename(f) for f in train.real_split(os.path.dirname(SEQUENCES))["val"]] == VAL_SPLIT + VAL_SPLIT2
+    if os.path.isdir(real):                    # the real pools give the same split; all of pool3 trains
+        split = train.real_split(os.path.dirname(SEQUENCES))
+        assert [os.path.basename(f) for f in split["val"]] == VAL_SPLIT + VAL_SPLIT2
+        assert sorted(os.path.basename(f) for f in split["test"]) == ["otb_Crossing", "otb_Girl", "vot15_bag"]
+        pool3 = os.path.join(os.path.dirname(SEQUENCES), "pool3")
+        if os.path.isdir(pool3):
+            names = sorted(n for n in os.listdir(pool3) if os.path.isdir(os.path.join(pool3, n)))
+            assert names and [os.path.basename(f) for f in split["train"] if "pool3" in f] == names
+            assert not any("pool3" in f for f in split["val"] + split["test"])
 
 
 def test_sample_i_of_an_epoch_is_the_same_every_time_and_differs_between_epochs_and_seeds():
@@ -1470,12 +1483,12 @@ def test_export_writes_fp16_weights_with_the_presets_tracker_settings_and_the_ru
 def test_make_split_through_main_links_each_sequence_folder_and_copies_nothing(tmp_path, capsys):
     root, out = tmp_path / "data", tmp_path / "split"
     names = {"pool": [f"p{i}" for i in range(8)], "pool2": [f"q{i}" for i in range(4)],
-             "sequences": ["otb_Couple", "otb_Crossing", "otb_Girl", "vot15_bag"]}
+             "pool3": [f"r{i}" for i in range(4)], "sequences": ["otb_Couple", "otb_Crossing", "otb_Girl", "vot15_bag"]}
     for sub, folders in names.items():
         for name in folders:
             (root / sub / name).mkdir(parents=True)
             (root / sub / name / "groundtruth.txt").write_text("1,1,5,5\n")
-    expected = {"train": ["otb_Couple", "p0", "p1", "p2", "p4", "p5", "p6", "q0", "q1", "q2"],
+    expected = {"train": ["otb_Couple", "p0", "p1", "p2", "p4", "p5", "p6", "q0", "q1", "q2", "r0", "r1", "r2", "r3"],
                 "val": ["p3", "p7", "q3"], "test": ["otb_Crossing", "otb_Girl", "vot15_bag"]}
     for _ in range(2):                                   # a second run finds its links in place
         assert train.main(["--data", str(root), "--make-split", str(out)]) == 0

@@ -572,7 +572,7 @@ class LabelledSequence:
 
 
 TRACKER_FIELDS = ("n_templates", "memory_size", "memory_min_score", "max_size_change", "hold_below_score",
-                  "window_power", "keep_aspect")                                          # inference only
+                  "window_power", "keep_aspect", "readout_power", "move_full_score")      # inference only
 
 
 # The real-data split (README "Real video"): chosen once, by name, before any sequence was scored.
@@ -582,16 +582,17 @@ TEST_SEQUENCES = ("otb_Crossing", "otb_Girl", "vot15_bag")      # ../shared/data
 def real_split(root):
     """ROOT = ../shared/data -> {"train": [...], "val": [...], "test": [...]} sequence folders. Rule: in each of
     ROOT/pool and ROOT/pool2, sort the names; every 4th (indices 3, 7, 11, ...) is validation, the rest trains;
-    of ROOT/sequences the three TEST_SEQUENCES are the test set and the other five train."""
+    of ROOT/sequences the three TEST_SEQUENCES are the test set and the other five train; ROOT/pool3 (issue 24:
+    new objects) trains, all of it, so validation and test stay exactly as they were."""
     def folders(sub):
         d = os.path.join(root, sub)
         return sorted(os.path.join(d, n) for n in os.listdir(d) if os.path.isdir(os.path.join(d, n))) if os.path.isdir(d) else []
-    pool, pool2, dev = folders("pool"), folders("pool2"), folders("sequences")
-    if not pool and not pool2 and not dev:
-        raise ValueError(f"--make-split: {root} has no pool/, pool2/ or sequences/ folders of sequences")
+    pool, pool2, pool3, dev = folders("pool"), folders("pool2"), folders("pool3"), folders("sequences")
+    if not pool and not pool2 and not pool3 and not dev:
+        raise ValueError(f"--make-split: {root} has no pool/, pool2/, pool3/ or sequences/ folders of sequences")
     val = pool[3::4] + pool2[3::4]
     test = [f for f in dev if os.path.basename(f) in TEST_SEQUENCES]
-    train = [f for f in pool + pool2 if f not in val] + [f for f in dev if f not in test]
+    train = [f for f in pool + pool2 if f not in val] + [f for f in dev if f not in test] + pool3
     return {"train": train, "val": val, "test": test}
 
 
