@@ -710,60 +710,6 @@ def resize_pos_embed(grid, size):
     return grid.permute(0, 2, 3, 1).reshape(1, size * size, D)
 
 
-class MaskedAutoencoder(nn.Module):
-    """MAE pre-training of the backbone (He et al. CVPR 2022). The papers start from MAE (SSTrack) or DropMAE
-    (PNTrack) ViT-B weights; `tiny` has no such weights, so `train.py --mae` makes its own from video frames.
-
-    On a search-size image: 75% of its patches are hidden, the tracker's ViT (patch_embed, blocks, norm)
-    encodes the rest, and a small decoder rebuilds the hidden patches' pixels, each patch normalised by its own
-    mean and std (MAE's norm_pix_loss). Parameter names are timm/MAE's, so `load_pretrained` reads the
-    `{"model": state_dict()}` that train.py writes exactly like a downloaded MAE checkpoint.
-    """
-    def __init__(self, cfg, mask_ratio=0.75, dec_dim=128, dec_depth=2, dec_heads=4):
-        super().__init__()
-        D, P = cfg.embed_dim, cfg.patch_size
-        self.P, self.mask_ratio, self.n = P, mask_ratio, (cfg.search_size // P) ** 2
-        self.patch_embed = PatchEmbed(P, D)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.n, D))           # the grid load_pretrained resizes
-        self.blocks = nn.ModuleList(Block(D, cfg.n_heads) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(D, eps=1e-6)
-        self.decoder_embed = nn.Linear(D, dec_dim)                          # MAE's decoder, smaller: 2 x 128
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.n, dec_dim))
-        self.decoder_blocks = nn.ModuleList(Block(dec_dim, dec_heads) for _ in range(dec_depth))
-        self.decoder_norm = nn.LayerNorm(dec_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(dec_dim, P * P * 3)
-        self.apply(init_weights)
-        for p in (self.pos_embed, self.mask_token, self.decoder_pos_embed):
-            nn.init.trunc_normal_(p, std=0.02)
-
-    def patchify(self, images):
-        """(B, 3, S, S) -> (B, N, P*P*3), patches in the token order of PatchEmbed."""
-        B, C, S, _ = images.shape
-        P, G = self.P, S // self.P
-        return images.reshape(B, C, G, P, G, P).permute(0, 2, 4, 3, 5, 1).reshape(B, G * G, P * P * C)
-
-    def forward(self, images):
-        """images (B, 3, Sx, Sx), normalised -> (loss, predicted patches (B, N, P*P*3), mask (B, N), 1 = hidden)."""
-        x = self.patch_embed(images) + self.pos_embed                       # (B, N, D)
-        B, N, D = x.shape
-        keep = torch.rand(B, N, device=x.device).argsort(1)[:, :int(N * (1 - self.mask_ratio))]   # (B, n) shown
-        x = x.gather(1, keep[..., None].expand(-1, -1, D))                  # (B, n, D)
-        for blk in self.blocks:
-            x, _ = blk(x)
-        x = self.decoder_embed(self.norm(x))                                # (B, n, Dd)
-        full = self.mask_token.expand(B, N, -1).scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), x)
-        full = full + self.decoder_pos_embed                                # (B, N, Dd): mask tokens + shown
-        for blk in self.decoder_blocks:
-            full, _ = blk(full)
-        pred = self.decoder_pred(self.decoder_norm(full))                   # (B, N, P*P*3)
-        target = self.patchify(images)
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-        mask = torch.ones(B, N, device=x.device).scatter(1, keep, 0.0)
-        loss = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()  # on the hidden patches only
-        return loss, pred, mask
-
-
 # -----------------------------------------------------------------------------
 # 3. Losses (OSTrack: focal 1, GIoU 2, L1 5; SSTrack Eq. 4)
 

@@ -27,6 +27,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import extras.drawing
+import extras.explain
+import extras.mae
+import extras.media
+import extras.split
+import extras.synth
+import extras.window
 import kernels
 import pntrack
 import track
@@ -1025,7 +1032,7 @@ def test_only_the_first_box_is_ever_read(tmp_path, monkeypatch):
 
     def no_full_read(*a, **k):
         raise AssertionError("training read a whole ground-truth file")
-    monkeypatch.setattr(track, "read_boxes", no_full_read)
+    monkeypatch.setattr(extras.media, "read_boxes", no_full_read)
     code = train.main(["--data", root, "--epochs", "1", "--samples-per-epoch", "4", "--batch-size", "2",
                        "--eval-clips", "0", "--out", str(tmp_path / "out")])
     assert code == 0
@@ -1203,7 +1210,7 @@ def test_the_validation_split_is_the_one_the_readme_names(tmp_path):
         (tmp_path / "sequences" / name).mkdir(parents=True)
     for name in POOL3:                         # issue 24: pool3 trains, all of it (8 names: indices 3, 7 exist)
         (tmp_path / "pool3" / name).mkdir(parents=True)
-    split = train.real_split(str(tmp_path))
+    split = extras.split.real_split(str(tmp_path))
     assert [os.path.basename(f) for f in split["val"]] == VAL_SPLIT + VAL_SPLIT2
     assert sorted(os.path.basename(f) for f in split["test"]) == ["otb_Crossing", "otb_Girl", "vot15_bag"]
     assert sorted(os.path.basename(f) for f in split["train"]) == sorted(
@@ -1212,7 +1219,7 @@ def test_the_validation_split_is_the_one_the_readme_names(tmp_path):
     assert not any("pool3" in f for f in split["val"] + split["test"])
     real = os.path.join(os.path.dirname(SEQUENCES), "pool")
     if os.path.isdir(real):                    # the real pools give the same split; all of pool3 trains
-        split = train.real_split(os.path.dirname(SEQUENCES))
+        split = extras.split.real_split(os.path.dirname(SEQUENCES))
         assert [os.path.basename(f) for f in split["val"]] == VAL_SPLIT + VAL_SPLIT2
         assert sorted(os.path.basename(f) for f in split["test"]) == ["otb_Crossing", "otb_Girl", "vot15_bag"]
         pool3 = os.path.join(os.path.dirname(SEQUENCES), "pool3")
@@ -1223,7 +1230,7 @@ def test_the_validation_split_is_the_one_the_readme_names(tmp_path):
 
 
 def test_sample_i_of_an_epoch_is_the_same_every_time_and_differs_between_epochs_and_seeds():
-    data, other_seed = (train.CycleData(train.GeneratedSequences(0), make_config("tiny"), 4, seed=s) for s in (0, 1))
+    data, other_seed = (train.CycleData(extras.synth.GeneratedSequences(0), make_config("tiny"), 4, seed=s) for s in (0, 1))
 
     def template(data, epoch, i):
         data.epoch = epoch
@@ -1250,8 +1257,8 @@ def test_set_lr_divides_every_groups_lr_by_10_after_the_drop_epoch():
 
 
 def test_held_out_clips_use_seeds_that_training_never_draws():
-    assert [c.name for c in train.held_out_clips(3, n_frames=2)] == [f"generated-{10 ** 9 + i}" for i in range(3)]
-    training = train.GeneratedSequences(seed=123456)              # seeds (seed * 1000003 + i) mod 10^9
+    assert [c.name for c in extras.synth.held_out_clips(3, n_frames=2)] == [f"generated-{10 ** 9 + i}" for i in range(3)]
+    training = extras.synth.GeneratedSequences(seed=123456)              # seeds (seed * 1000003 + i) mod 10^9
     assert all(int(training[i].name.split("-")[1]) < 10 ** 9 for i in (0, 1, 10 ** 6 - 1))
 
 
@@ -1270,7 +1277,7 @@ def test_evaluate_tracker_scores_the_tracker_and_the_static_first_box_on_each_cl
         def box(self, t):
             return np.array(self.boxes[t], float)
     clips = [Clip((6, 3)), Clip((0, 0))]                          # moving; still (the static box is right)
-    mean, static_mean, ours, static = train.evaluate_tracker(BrightObjectNet(make_config("tiny")), clips, "cpu")
+    mean, static_mean, ours, static = track.evaluate_tracker(BrightObjectNet(make_config("tiny")), clips, "cpu")
     gts = [np.array(c.boxes, float) for c in clips]
     assert static == [track.evaluate(np.repeat(g[:1], len(g), 0), g)["auc"] for g in gts]
     assert static[0] < 0.5 and static[1] == pytest.approx(20 / 21) and ours[1] > 0.9 and ours[0] > 0.85
@@ -1282,7 +1289,7 @@ def test_loss_goes_down_over_30_steps_on_generated_data():
     cfg = make_config("tiny")
     model = pntrack.SelfSupervised(cfg)
     optimizer = train.make_optimizer(model, cfg)
-    data = train.CycleData(train.GeneratedSequences(0), cfg, 30 * 4, seed=0)
+    data = train.CycleData(extras.synth.GeneratedSequences(0), cfg, 30 * 4, seed=0)
     losses = []
     for step in range(30):
         *batch, originals = train.collate([data[step * 4 + i] for i in range(4)])
@@ -1298,9 +1305,9 @@ def test_loss_goes_down_over_30_steps_on_generated_data():
 
 
 def test_natural_generated_videos_differ_from_simple_ones_as_the_docstring_says():
-    simple = [train.GeneratedVideo(seed, n_frames=40) for seed in range(12)]
-    natural = [train.GeneratedVideo(seed, n_frames=40, style="natural") for seed in range(12)]
-    again = train.GeneratedVideo(3, n_frames=40, style="natural")
+    simple = [extras.synth.GeneratedVideo(seed, n_frames=40) for seed in range(12)]
+    natural = [extras.synth.GeneratedVideo(seed, n_frames=40, style="natural") for seed in range(12)]
+    again = extras.synth.GeneratedVideo(3, n_frames=40, style="natural")
     assert np.array_equal(np.asarray(again.frame(17)), np.asarray(natural[3].frame(17)))     # deterministic by seed
     assert all(v.gain is None and v.target.morph is None for v in simple)                   # simple: unchanged
     for v in natural:
@@ -1324,7 +1331,7 @@ def test_natural_generated_videos_differ_from_simple_ones_as_the_docstring_says(
     assert np.abs(a - b).mean() > 5
     # the flag reaches the training data
     cfg = train.config_from_args(train.parse_args(["--generated", "natural"]))
-    assert cfg.generated == "natural" and train.GeneratedSequences(0, style=cfg.generated)[5].gain is not None
+    assert cfg.generated == "natural" and extras.synth.GeneratedSequences(0, style=cfg.generated)[5].gain is not None
     with pytest.raises(ValueError, match="generated"):
         make_config("tiny", generated="photo")
 
@@ -1332,7 +1339,7 @@ def test_natural_generated_videos_differ_from_simple_ones_as_the_docstring_says(
 def test_mae_hides_three_quarters_and_scores_only_hidden_patches():
     torch.manual_seed(0)
     cfg = make_config("tiny")
-    mae = pntrack.MaskedAutoencoder(cfg)
+    mae = extras.mae.MaskedAutoencoder(cfg)
     x = torch.randn(3, 3, cfg.search_size, cfg.search_size)
     loss, pred, mask = mae(x)
     assert mask.shape == (3, 64) and (mask.sum(1) == 48).all()
@@ -1355,10 +1362,10 @@ def test_mae_stage_learns_and_its_output_loads_as_a_pretrained_backbone(tmp_path
     assert len(re.findall(r"^mae epoch .* loss ([0-9.]+)", (out / "train.log").read_text(), re.M)) == 8
     # it learned: on the same unseen crops and the same masks, the trained MAE rebuilds hidden patches better
     cfg = make_config("tiny", stem="patch16")
-    fresh, trained = pntrack.MaskedAutoencoder(cfg), pntrack.MaskedAutoencoder(cfg)
+    fresh, trained = extras.mae.MaskedAutoencoder(cfg), extras.mae.MaskedAutoencoder(cfg)
     trained.load_state_dict(torch.load(out / "mae.pt", weights_only=True)["model"])
-    rng, clips = np.random.default_rng(123), train.GeneratedSequences(7, style="natural")
-    x = pntrack.normalize(torch.stack([train.mae_crop(clips[i].frame(10), rng, 128) for i in range(32)]))
+    rng, clips = np.random.default_rng(123), extras.synth.GeneratedSequences(7, style="natural")
+    x = pntrack.normalize(torch.stack([extras.mae.mae_crop(clips[i].frame(10), rng, 128) for i in range(32)]))
     with torch.no_grad():
         torch.manual_seed(1)
         before = fresh(x)[0]
@@ -1430,7 +1437,7 @@ def test_two_process_gloo_ddp_run_averages_gradients_as_one_process_on_the_same_
     try:
         torch.manual_seed(args.seed)                          # rank 0's start; DDP hands its weights to rank 1
         model, optimizer, _ = train.build_model(args, cfg, torch.device("cpu"), lambda msg: None)
-        data = train.CycleData(train.GeneratedSequences(args.seed, style=cfg.generated), cfg, 8, args.seed)
+        data = train.CycleData(extras.synth.GeneratedSequences(args.seed, style=cfg.generated), cfg, 8, args.seed)
         data.epoch = 1
         train.set_lr(optimizer, cfg, 1)
         model.train()
@@ -1707,7 +1714,7 @@ def test_explained_noise_cells_lie_outside_the_source_samples_predicted_box(expl
 
 
 def test_curves_plot_reads_the_train_log_of_a_short_run(short_run, explained):
-    log = train.read_train_log(short_run / "train.log")
+    log = extras.explain.read_train_log(short_run / "train.log")
     assert list(log["x"]) == [1.0, 2.0] and log["mode"] == ["prompt", "noise"]   # one line per epoch (2 steps)
     assert all(len(log[n]) == 2 and np.isfinite(log[n]).all() for n in pntrack.TERMS)
     assert log["noise"][0] == 0 and log["noise"][1] > 0
@@ -1719,7 +1726,7 @@ def test_train_log_reader_keeps_a_resumed_epochs_new_lines_and_restarts_for_a_ne
     path = tmp_path / "train.log"
     path.write_text("config tiny: ...\n" + line(9, 2, 9.0) + "config tiny: ...\n" + line(1, 2, 5.0) + line(2, 1, 4.0)
                     + "resuming from out/last.pt: epoch 1 done\nconfig tiny: ...\n" + line(2, 1, 3.0) + line(2, 2, 2.0))
-    log = train.read_train_log(path)
+    log = extras.explain.read_train_log(path)
     assert list(log["x"]) == [1.0, 1.5, 2.0] and list(log["loss"]) == [5.0, 3.0, 2.0]
     assert np.isnan(log["focal"]).all()                                # a term the lines do not have
 
@@ -1733,9 +1740,9 @@ def test_explain_flag_uses_the_runs_checkpoint_its_dca_weights_and_its_log(short
 
 def test_success_plot_draws_the_tracker_and_the_static_box_with_a_legend_each(tmp_path):
     ramp = np.linspace(1, 0, 21)
-    track.plot_curves(tmp_path / "p.png", [("PNTrack", ramp, np.linspace(0, 1, 51)), ("static first box", ramp ** 3, np.linspace(0, 0.5, 51))])
+    extras.drawing.plot_curves(tmp_path / "p.png", [("PNTrack", ramp, np.linspace(0, 1, 51)), ("static first box", ramp ** 3, np.linspace(0, 0.5, 51))])
     pixels = np.asarray(Image.open(tmp_path / "p.png").convert("RGB")).reshape(-1, 3)
-    for colour in track.PLOT_COLOURS[:2]:                                # red for ours, blue for the baseline
+    for colour in extras.drawing.PLOT_COLOURS[:2]:                                # red for ours, blue for the baseline
         assert (np.abs(pixels.astype(int) - colour).sum(1) < 30).sum() > 200
 
 
@@ -1976,7 +1983,7 @@ def test_sequence_folder_starts_from_its_first_gt_line_and_prints_the_scores_of_
     assert code == 0, err
     result = read_result(tmp_path / "r.txt")
     assert len(result) == CLIP_N and np.array_equal(result[0], gt[0])
-    s = track.evaluate(result, track.read_boxes(os.path.join(seq, "groundtruth.txt")))
+    s = track.evaluate(result, extras.media.read_boxes(os.path.join(seq, "groundtruth.txt")))
     expected = [100 * s[k] for k in track.SCORES]
     assert np.allclose(printed_scores(out), expected, atol=0.05 + 1e-9)
     assert f"({CLIP_N} frames with ground truth)" in out
@@ -2146,11 +2153,11 @@ def test_track_uses_out_pntrack_pt_when_present_else_the_shipped_weights(clip, c
 
 
 def test_shipped_weights_on_the_test_sequences_score_what_the_readme_reports_and_beat_the_static_box(capsys):
-    if not all(os.path.isdir(os.path.join(SEQUENCES, n)) for n in train.TEST_SEQUENCES):
+    if not all(os.path.isdir(os.path.join(SEQUENCES, n)) for n in extras.split.TEST_SEQUENCES):
         pytest.skip("../shared/data/sequences is absent")
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read().splitlines()
     ours, static = [], []
-    for name in train.TEST_SEQUENCES:
+    for name in extras.split.TEST_SEQUENCES:
         row = next(l for l in readme if l.startswith(f"| {name} | "))      # the shipped weights' test table
         cells = row.split("|")
         code, out, err = run(capsys, os.path.join(SEQUENCES, name), "--ckpt", track.SHIPPED_CKPT, "--threads", "1")
@@ -2184,7 +2191,7 @@ def test_shipped_weights_track_generated_clips_better_than_the_static_box_and_th
     # design's: 0.363 vs 0.269, window 0.339 vs flat 0.265). Margins below about half of those gaps,
     # since another CPU's float sums can flip a few frames
     net = pntrack.load_checkpoint(track.SHIPPED_CKPT)
-    clips = train.held_out_clips(8, n_frames=40, style="simple")
+    clips = extras.synth.held_out_clips(8, n_frames=40, style="simple")
     gts = [np.stack([c.box(t) for t in range(len(c))]) for c in clips]
     frames = [[c.frame(t) for t in range(len(c))] for c in clips]
 
@@ -2222,7 +2229,7 @@ def test_real_sequence_runs_end_to_end_with_scores(ckpt, tmp_path, capsys):
     code, out, err = run(capsys, seq, "--out", tmp_path / "dudek.txt", "--ckpt", ckpt, "--device", "cpu")
     assert code == 0, err
     result = read_result(tmp_path / "dudek.txt")
-    gt = track.read_boxes(os.path.join(seq, "groundtruth.txt"))
+    gt = extras.media.read_boxes(os.path.join(seq, "groundtruth.txt"))
     assert len(result) == 20 and np.allclose(result[0], gt[0])
     s = track.evaluate(result, gt)
     assert np.allclose(printed_scores(out), [100 * s[k] for k in track.SCORES], atol=0.05 + 1e-9)
@@ -2280,7 +2287,7 @@ def test_demo_with_no_arguments_tracks_the_shipped_clip_and_overlaps_the_hand_dr
         torch.set_num_threads(threads)
     assert code == 0, err
     boxes = read_result(tmp_path / "out" / "demo.txt")
-    first, _ = track.sidecar_box(track.DEMO_CLIP)
+    first, _ = extras.media.sidecar_box(track.DEMO_CLIP)
     assert len(boxes) == count_frames(track.DEMO_CLIP) and np.isfinite(boxes).all() and np.allclose(boxes[0], first)
     gif = tmp_path / "out" / "demo.gif"
     assert count_frames(gif) == len(boxes) and os.path.getsize(gif) < 1_000_000       # fits the README
@@ -2605,7 +2612,7 @@ def test_fuzz_frame_files_in_track_and_train(fuzz_run, tmp_path, capsys):
                 image = Image.fromarray(block_texture(h, w, k)).convert(mode)
                 image.save(path, format="PNG" if kind == "rgba png" else "JPEG")
         try:                                                  # what the first frame is, as Pillow sees it
-            first = track.read_image(os.path.join(folder, "0001.jpg")).size
+            first = extras.media.read_image(os.path.join(folder, "0001.jpg")).size
         except ValueError:
             first = None
         fits = first is not None and fuzz_box_fits(FUZZ_BOX, *first)
@@ -2847,8 +2854,8 @@ def test_the_stem_is_efficientnet_lite0_a_car_crop_lands_in_car_classes():
     pntrack.load_stem_weights(stem, stem_file())
     classify = lite0_classifier(stem)
     folder = os.path.join(POOL2, "otb_Suv_first60")
-    image = Image.open(track.list_frames(folder)[0]).convert("RGB")
-    box = pntrack.xywh_to_cxcywh(track.read_boxes(os.path.join(folder, "groundtruth.txt"))[0])
+    image = Image.open(extras.media.list_frames(folder)[0]).convert("RGB")
+    box = pntrack.xywh_to_cxcywh(extras.media.read_boxes(os.path.join(folder, "groundtruth.txt"))[0])
     crop, _ = crop_image(image, box, 1.3, 224)
     with torch.no_grad():
         p = classify(pntrack.normalize(torch.from_numpy(crop).permute(2, 0, 1)[None]))[0]
@@ -2906,7 +2913,7 @@ def test_tracker_with_cached_template_tokens_gives_the_same_boxes_and_embeds_eac
     torch.manual_seed(0)
     cfg = make_config("tiny", hold_below_score=0.0, max_size_change=0.0)
     net = pntrack.PNTrack(cfg)
-    clip = train.GeneratedVideo(5, n_frames=12, size=(192, 144), style="natural")
+    clip = extras.synth.GeneratedVideo(5, n_frames=12, size=(192, 144), style="natural")
     runs = {}
     for cache in (True, False):
         tracker = pntrack.Tracker(net, device="cpu", cache_templates=cache)
@@ -3142,7 +3149,7 @@ def drawn_box(out):
 def generated_frames(n, size, seed=5):
     """n frames (uint8 arrays) of a generated clip, a target moving over a textured background, and its boxes.
     Seed 5: a clip the shipped weights follow (most 480x360 ones they lose within 20 frames), for show.png."""
-    video = train.GeneratedVideo(seed, n_frames=n, size=size, style="natural")
+    video = extras.synth.GeneratedVideo(seed, n_frames=n, size=size, style="natural")
     return [np.asarray(video.frame(t)) for t in range(n)], np.array([video.box(t) for t in range(n)])
 
 
@@ -3150,7 +3157,7 @@ def test_window_picker_maps_the_dragged_box_to_frame_pixels_on_a_clip_larger_tha
                                                                                             tmp_path):
     frames, gt = generated_frames(3, (1280, 720))
     proc = gui(write_mp4(tmp_path / "wide.mp4", frames), "--config", "tiny", "--frames", 2, "--out", tmp_path / "r.txt")
-    win = find_window(xdisplay, track.PICK_TITLE, proc)
+    win = find_window(xdisplay, extras.window.PICK_TITLE, proc)
     scale = grab_window(xdisplay, win).width / 1280    # the window is as wide as the picture shown
     assert 0.3 < scale < 1                             # scaled down to fit the 800x600 screen
     first = [100, 60, 180, 140]                        # window px, x0 y0 x1 y1: a first drag, then the real one
@@ -3178,7 +3185,7 @@ def test_window_picker_with_select_ignores_a_click_and_takes_the_drag_over_the_g
     frames, gt = clip
     seq = write_folder(tmp_path / "seq", frames, gt)   # ground truth starts at 20,30,30,30
     proc = gui(seq, "--select", "--config", "tiny", "--out", tmp_path / "r.txt")
-    win = find_window(xdisplay, track.PICK_TITLE, proc)
+    win = find_window(xdisplay, extras.window.PICK_TITLE, proc)
     xdotool(xdisplay, "mousemove", "--window", win, 40, 40, "click", 1, "key", "Return")
     time.sleep(1)
     assert proc.poll() is None                         # a click draws no box: Enter did nothing, it still waits
@@ -3195,7 +3202,7 @@ def test_window_picker_with_select_ignores_a_click_and_takes_the_drag_over_the_g
 def test_window_picker_esc_cancels_with_one_line_exit_2_and_nothing_written(gui, xdisplay, clip, tmp_path):
     video = write_mp4(tmp_path / "clip.mp4", clip[0])  # no --box, no ground truth: the picker opens by itself
     proc = gui(video, "--config", "tiny", "--out", tmp_path / "r.txt")
-    win = find_window(xdisplay, track.PICK_TITLE, proc)
+    win = find_window(xdisplay, extras.window.PICK_TITLE, proc)
     drag(xdisplay, win, 20, 30, 50, 60)
     xdotool(xdisplay, "key", "Escape")
     code, out, err = finish(proc)
@@ -3207,7 +3214,7 @@ def test_window_show_runs_to_the_end_by_itself(gui, xdisplay, tmp_path):
     frames = make_clip(n=20)[0]
     proc = gui(write_gif(tmp_path / "clip.gif", frames), "--box", "20,30,30,30", "--show", "--config", "tiny",
                "--out", tmp_path / "r.txt")
-    find_window(xdisplay, track.SHOW_TITLE, proc)      # up while the network loads and the clip is tracked
+    find_window(xdisplay, extras.window.SHOW_TITLE, proc)      # up while the network loads and the clip is tracked
     code, out, err = finish(proc)                      # no key pressed: it ends after the last frame
     assert code == 0, err
     assert "stopped" not in out and "(20 boxes)" in out and len(read_result(tmp_path / "r.txt")) == 20
@@ -3218,7 +3225,7 @@ def test_window_show_space_pauses_and_q_stops_with_the_frames_so_far_written(gui
     frames, gt = generated_frames(n, (480, 360))
     seq = write_folder(tmp_path / "seq", frames, gt)
     proc = gui(seq, "--show", "--out", tmp_path / "r.txt")         # the shipped weights: a real track to show
-    win = find_window(xdisplay, track.SHOW_TITLE, proc)
+    win = find_window(xdisplay, extras.window.SHOW_TITLE, proc)
 
     def title():                                       # `pntrack: tracking: seq, frame 31/120 (paused)`
         name = xdotool(xdisplay, "getwindowname", win).stdout
@@ -3274,8 +3281,8 @@ def test_show_and_select_are_refused_for_a_dataset_root(ckpt, clip, tmp_path, ca
 
 def test_figure_titles_name_checkpoints_relative_to_the_repo(tmp_path):
     repo = os.path.dirname(os.path.abspath(__file__))
-    assert train.repo_path(os.path.join(repo, "assets", "pntrack-tiny.pt")) == os.path.join("assets", "pntrack-tiny.pt")
-    assert train.repo_path(str(tmp_path / "pntrack.pt")) == str(tmp_path / "pntrack.pt")     # outside: as given
+    assert extras.explain.repo_path(os.path.join(repo, "assets", "pntrack-tiny.pt")) == os.path.join("assets", "pntrack-tiny.pt")
+    assert extras.explain.repo_path(str(tmp_path / "pntrack.pt")) == str(tmp_path / "pntrack.pt")     # outside: as given
 
 
 def test_mae_needs_the_patch16_stem_one_line_exit_2(tmp_path, capsys):

@@ -11,227 +11,31 @@ never held in memory. Result files have one `x,y,w,h` line per frame, the given 
 OTB / GOT-10k / LaSOT results. Whenever ground truth is present the run is scored with the benchmark
 metrics below, and every run ends with its speed (model alone, and end to end).
 
-This file also holds what train.py reuses: box-file parsing, frame listing, the benchmark metrics
-(identical to the got10k toolkit's OTB / GOT-10k definitions) and the tracking loop.
+This file is the benchmark metrics (identical to the got10k toolkit's OTB / GOT-10k definitions), the tracking
+loop (train.py evaluates with both: `evaluate_tracker`) and the command line. Reading the inputs is in
+extras/media.py, the pictures (--save, --plot) in extras/drawing.py, the windows (--select, --show) in
+extras/window.py.
 """
 import argparse
 import itertools
 import os
-import re
 import sys
 import time
-from fractions import Fraction
 
-import av
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import pntrack
+from extras import drawing, media, window
+from extras.media import BadInput, warn
 
-IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-VIDEO_EXT = (".mp4", ".avi", ".mov", ".mkv", ".webm")
-GT_FILES = ("groundtruth.txt", "groundtruth_rect.txt")
 DEFAULT_CKPT = os.path.join("out", "pntrack.pt")     # what `python train.py` writes (in the current folder)
 SHIPPED_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "pntrack-tiny.pt")  # in the repo
 PROGRESS_EVERY = 100                                 # frames between progress lines on stderr
 # `python track.py` with no input: a Big Buck Bunny excerpt, its first box in bunny.txt beside it (README: Demo)
 DEMO_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bunny.mp4")
 DEMO_OUT = os.path.join("out", "demo")               # the demo writes out/demo.txt and out/demo.gif
-
-
-class BadInput(ValueError):
-    """A problem with what the user gave (a file, an argument): main prints its one line and exits with 2."""
-
-
-def warn(message):
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def make_parent(path):
-    """Create the folder `path` will be written into; returns that folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    return folder
-
-
-# -----------------------------------------------------------------------------
-# Box files and frame folders
-
-def parse_box(text, where, check=True):
-    """One line of a box file -> (x, y, w, h) float array.
-
-    Comma, tab or space separated (OTB uses all three); 4 numbers (x, y, w, h) or 8 (a VOT polygon,
-    replaced by its axis-aligned bounding box). `where` ("file.txt:3") names the line in errors.
-    check: the box must be finite with w, h > 0 (`pntrack.check_box`); off for ground-truth lines, where
-    NaN means "target absent" (LaSOT) and such frames are simply not scored.
-    """
-    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
-    try:
-        values = np.array([float(p) for p in parts])
-    except ValueError:
-        raise ValueError(f"{where}: expected numbers, found {text.strip()[:60]!r}") from None
-    if len(values) == 8:                     # numpy's min / max: a NaN corner gives a NaN box
-        xs, ys = values[0::2], values[1::2]
-        with np.errstate(invalid="ignore", over="ignore"):        # inf - inf is NaN: checked below
-            values = np.array([xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()])
-    if len(values) != 4:
-        raise ValueError(f"{where}: expected 4 numbers (x,y,w,h) or 8 (polygon), found {len(values)}")
-    if check:
-        try:
-            pntrack.check_box(values)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-    return values
-
-
-def read_boxes(path):
-    """All boxes of a ground-truth file -> (N, 4) (x, y, w, h); non-finite entries (LaSOT's 'nan', absent
-    target) are kept: `evaluate` does not score those frames."""
-    try:
-        with open(path) as f:
-            lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text file of boxes (it holds bytes that are not text)") from None
-    if not lines:
-        raise ValueError(f"{path}: empty box file")
-    return np.stack([parse_box(line, f"{path}:{i}", check=False) for i, line in lines])
-
-
-def write_boxes(path, boxes):
-    """(N, 4) (x, y, w, h) -> one `x,y,w,h` line per frame (%.2f), the OTB / GOT-10k / LaSOT result format.
-
-    Written to a temporary file, then renamed: a run killed mid-write never leaves a half file behind.
-    """
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines("%.2f,%.2f,%.2f,%.2f\n" % tuple(b) for b in boxes)
-    pntrack.atomic_write(path, write)
-
-
-def list_frames(folder):
-    """Sorted image files of a sequence: directly in `folder`, else in its img/ or color/ subfolder."""
-    for sub in ("", "img", "color"):
-        d = os.path.join(folder, sub)
-        if os.path.isdir(d):
-            frames = sorted(os.path.join(d, f) for f in os.listdir(d) if f.lower().endswith(IMAGE_EXT))
-            if frames:
-                return frames
-    return []
-
-
-def find_box_file(folder, names=GT_FILES):
-    """The first of `names` present in `folder`, or None."""
-    for name in names:
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    return None
-
-
-def sidecar_box(path):
-    """The first box of a video or GIF from its sidecar `<name>.txt` (`clip.txt` beside `clip.mp4`, the layout
-    train.py reads): (box, where) from its first non-empty line, checked as --box is; (None, None) if absent."""
-    sidecar = os.path.splitext(path)[0] + ".txt"
-    if sidecar == path or not os.path.isfile(sidecar):
-        return None, None
-    try:
-        with open(sidecar) as f:
-            first = next(((i, line) for i, line in enumerate(f, 1) if line.strip()), None)
-        if first is None:
-            raise ValueError(f"{sidecar}: empty box file")
-        where = f"{sidecar}:{first[0]}"
-        return parse_box(first[1], where), where
-    except UnicodeDecodeError:                         # a ValueError too: caught first
-        raise BadInput(f"{sidecar}: not a text file of boxes (it holds bytes that are not text)") from None
-    except ValueError as e:                            # names sidecar:line and the rule broken
-        raise BadInput(str(e)) from None
-
-
-def list_sequences(root):
-    """Sequence folders (frames + a ground-truth file) directly below `root`, sorted by name."""
-    subs = [os.path.join(root, d) for d in sorted(os.listdir(root))]
-    return [d for d in subs if os.path.isdir(d) and find_box_file(d) and list_frames(d)]
-
-
-# -----------------------------------------------------------------------------
-# Reading frames. Each reader is a generator of RGB PIL images, one per frame, decoded only when asked for.
-# A frame that fails to decode comes out as None (with a warning): the tracker repeats its last box there.
-
-# what Pillow raises for broken files (IndexError: a truncated GIF; a bomb: a header claiming a huge size)
-PIL_ERRORS = (OSError, SyntaxError, ValueError, IndexError, EOFError, Image.DecompressionBombError)
-
-
-def read_image(path):
-    """An image file -> RGB PIL image; a broken file raises ValueError naming it (train.py uses this too)."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except PIL_ERRORS as e:
-        raise ValueError(f"{path}: unreadable image ({e})") from None
-
-
-def image_frames(files):
-    """Image files, in order. An unreadable first frame is bad input (there is no box to repeat yet)."""
-    for i, path in enumerate(files):
-        try:
-            image = read_image(path)
-        except ValueError as e:
-            if i == 0:
-                raise BadInput(str(e)) from None
-            warn(f"{e}; repeating the last box")
-            image = None
-        yield image
-
-
-def open_video(path):
-    """PyAV container and its first video stream; BadInput if FFmpeg cannot read the file."""
-    try:
-        container = av.open(path)
-    except av.FFmpegError as e:
-        raise BadInput(f"{path}: cannot open as a video ({e.strerror or e})") from None
-    if not container.streams.video:
-        container.close()
-        raise BadInput(f"{path}: has no video stream")
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"                        # let FFmpeg decode with several threads
-    return container, stream
-
-
-def video_frames(container, stream, path):
-    """Decode a video packet by packet, so a broken packet costs one frame, not the rest of the video."""
-    n = 0
-    with container:
-        try:
-            for packet in container.demux(stream):     # ends with an empty packet that flushes the decoder
-                try:
-                    images = [frame.to_image() for frame in packet.decode()]
-                except av.FFmpegError as e:
-                    if n == 0:                         # no first frame, no box to repeat: bad input
-                        raise BadInput(f"{path}: the first frame cannot be decoded ({e.strerror or e})") from None
-                    warn(f"{path}: frame {n + 1} failed to decode ({e.strerror or e}); repeating the last box")
-                    images = [None]
-                for image in images:
-                    n += 1
-                    yield image
-        except av.FFmpegError as e:                    # the container itself is broken from here on
-            if n == 0:
-                raise BadInput(f"{path}: no frame can be read ({e.strerror or e})") from None
-            warn(f"{path}: unreadable after frame {n} ({e.strerror or e}); stopping there")
-
-
-def gif_frames(gif, path):
-    """Frames of an animated GIF, decoded one at a time with Pillow's seek."""
-    with gif:
-        for i in range(getattr(gif, "n_frames", 1)):   # a still image has no n_frames: one frame
-            try:
-                gif.seek(i)
-                image = gif.convert("RGB")
-            except PIL_ERRORS as e:
-                if i == 0:                             # no first frame, no box to repeat: bad input
-                    raise BadInput(f"{path}: the first frame cannot be decoded ({e})") from None
-                warn(f"{path}: frame {i + 1} failed to decode ({e}); repeating the last box")
-                image = None
-            yield image
 
 
 # -----------------------------------------------------------------------------
@@ -356,276 +160,29 @@ def run_tracker(tracker, frames, box, on_frame=None, name=None, box_from=None):
     return np.stack(boxes), time.perf_counter() - start - outside, tracker.model_seconds
 
 
-# -----------------------------------------------------------------------------
-# Pictures: frames with boxes drawn (.mp4 or .gif), and the success / precision plots
+def evaluate_tracker(net, clips, device):
+    """Mean success AUC over clips of the tracker and of the baseline that never moves the first box: train.py's
+    evaluation. A clip: len(), frame(t) and its ground truth box(t) (x, y, w, h) (generated or --val sequences).
 
-BOX_RED, GT_GREEN = (255, 40, 40), (0, 220, 0)         # the tracker's box, the ground truth
-GIF_WIDTH, GIF_COLOURS = 256, 64       # --save FILE.gif: frames scaled down to this width, one palette of this size
-
-
-def draw_boxes(image, box, gt=None):
-    """Draw the prediction (red) and, where known, the ground truth (green) on `image`, in place."""
-    draw = ImageDraw.Draw(image)
-    width = max(2, image.width // 200)                 # lines stay visible on large frames
-    if gt is not None and np.isfinite(gt).all() and gt[2] > 0 and gt[3] > 0:     # as scored: no empty boxes
-        x, y, w, h = gt
-        draw.rectangle([x, y, x + w, y + h], outline=GT_GREEN, width=max(1, width // 2))
-    x, y, w, h = box
-    draw.rectangle([x, y, x + w, y + h], outline=BOX_RED, width=width)
-
-
-class Saver:
-    """Writes frames to .mp4 (PyAV, H.264, streamed to disk) or .gif (Pillow, held in memory until `close`;
-    at most GIF_WIDTH px wide and GIF_COLOURS colours, so the demo's GIF stays under 1 MB for the README).
-
-    Every frame gets one picture: a frame that failed to decode repeats the previous picture. Note that
-    Pillow merges identical consecutive frames of a GIF into one longer frame.
+    The Tracker works on its own eval-mode copy of `net`, so this can run in the middle of training.
+    Returns (mean AUC, mean static AUC, per-clip AUCs, per-clip static AUCs).
     """
-    def __init__(self, path, fps):
-        self.path, self.fps = path, fps
-        self.gif = path.lower().endswith(".gif")
-        make_parent(path)
-        self.frames, self.last, self.container = [], None, None
-
-    def add(self, image):
-        if image is None:
-            image = self.last
-        elif self.gif and image.width > GIF_WIDTH:     # GIF frames wait in memory until close: scaled down now
-            image = image.resize((GIF_WIDTH, max(1, round(image.height * GIF_WIDTH / image.width))), Image.BILINEAR)
-        self.last = image
-        if self.gif:
-            self.frames.append(image)
-            return
-        if self.container is None:                     # size is known at the first frame
-            self.container = av.open(self.path, "w")
-            self.stream = self.container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
-            # H.264 with 4:2:0 colour needs even width and height: pad by one black pixel where odd
-            self.stream.width, self.stream.height = image.width + image.width % 2, image.height + image.height % 2
-            self.stream.pix_fmt = "yuv420p"
-        canvas = Image.new("RGB", (self.stream.width, self.stream.height))
-        canvas.paste(image)                            # also fits frames of a different size (cropped / padded)
-        self.container.mux(self.stream.encode(av.VideoFrame.from_image(canvas)))
-
-    def close(self):
-        if self.gif and self.frames:
-            # one palette for every frame, from ~8 frames spread over the video plus the box colours, and no
-            # dithering: background that does not change stays the same pixels, which a GIF stores cheaply
-            sample = self.frames[::max(1, len(self.frames) // 8)]
-            w, h = self.frames[0].size
-            source = Image.new("RGB", (w, h * len(sample)))
-            for i, im in enumerate(sample):
-                source.paste(im, (0, h * i))
-            palette = source.quantize(GIF_COLOURS - 2, dither=Image.Dither.NONE)
-            palette.putpalette(palette.getpalette()[:3 * (GIF_COLOURS - 2)] + [*BOX_RED, *GT_GREEN])
-            frames = [im.quantize(palette=palette, dither=Image.Dither.NONE) for im in self.frames]
-            frames[0].save(self.path, save_all=True, append_images=frames[1:],
-                           duration=round(1000 / self.fps), loop=0, optimize=True)
-        if self.container is not None:
-            self.container.mux(self.stream.encode(None))   # flush the frames the encoder still holds
-            self.container.close()
-
-
-PLOT_COLOURS = ((220, 30, 30), (40, 90, 220), (130, 130, 130), (30, 150, 60), (150, 60, 170), (230, 140, 20),
-                (0, 160, 170))                 # curve colours in order: the first (ours) is red
-
-
-def draw_plot(draw, rect, curves, x_range, y_range, title, x_label, legend="bottom left"):
-    """One line plot drawn with Pillow (no matplotlib): a frame, 6 labelled ticks per axis, a polyline per curve.
-
-    rect: (left, top, right, bottom) of the plot area in image px; curves: [(label, xs, ys)], coloured in
-    PLOT_COLOURS order; a label None gets no legend entry. legend: "bottom left" | "bottom right" | "top right".
-    """
-    left, top, right, bottom = rect
-    (x0, x1), (y0, y1) = x_range, y_range
-
-    def at(x, y):                                  # data (x, y) -> image px
-        return left + (right - left) * (x - x0) / (x1 - x0), bottom - (bottom - top) * (y - y0) / (y1 - y0)
-
-    draw.rectangle([left, top, right, bottom], outline="black")
-    for i in range(6):                             # 6 ticks per axis, labelled
-        (tx, _), (_, ty) = at(x0 + (x1 - x0) * i / 5, y0), at(x0, y0 + (y1 - y0) * i / 5)
-        draw.line([tx, bottom, tx, bottom + 4], fill="black")
-        draw.text((tx, bottom + 6), f"{x0 + (x1 - x0) * i / 5:.3g}", fill="black", anchor="ma")
-        draw.line([left - 4, ty, left, ty], fill="black")
-        draw.text((left - 6, ty), f"{y0 + (y1 - y0) * i / 5:.3g}", fill="black", anchor="rm")
-    draw.text(((left + right) / 2, top - 22), title, fill="black", anchor="ma")
-    draw.text(((left + right) / 2, bottom + 30), x_label, fill="black", anchor="ma")
-    labelled = [(label, c) for (label, _, _), c in zip(curves, PLOT_COLOURS) if label is not None]
-    width = max([draw.textlength(label) for label, _ in labelled] + [0])
-    lx = left + 10 if legend == "bottom left" else right - 44 - width
-    for (label, xs, ys), colour in zip(curves, PLOT_COLOURS):
-        draw.line([at(x, y) for x, y in zip(xs, ys)], fill=colour, width=2)
-    for i, (label, colour) in enumerate(labelled):  # stacked away from the legend's corner
-        ly = top + 14 + 16 * i if legend == "top right" else bottom - 18 - 16 * (len(labelled) - 1 - i)
-        draw.line([lx, ly, lx + 24, ly], fill=colour, width=2)
-        draw.text((lx + 30, ly), label, fill="black", anchor="lm")
-
-
-CURVE_LABEL, STATIC_LABEL = "PNTrack", "static first box"     # --plot: the tracker and the box that never moves
-
-
-def plot_curves(path, curves):
-    """OTB success and precision plots side by side in one image, drawn with Pillow (no matplotlib).
-
-    curves: [(label, success, precision)], e.g. the tracker and the static first box; success: (21,) share of
-    frames with IoU > t, t = 0, 0.05, ..., 1 (AUC = its mean); precision: (51,) share of frames with centre
-    error <= t px, t = 0, ..., 50 (the score is t = 20).
-    """
-    W, H, m = 440, 360, 52                             # one panel's size and its left/bottom margin, px
-    image = Image.new("RGB", (2 * W, H), "white")
-    draw = ImageDraw.Draw(image)
-    success = [(f"{label} [AUC {100 * s.mean():.1f}]", IOU_THRESHOLDS, s) for label, s, _ in curves]
-    precision = [(f"{label} [20 px {100 * p[20]:.1f}]", PIXEL_THRESHOLDS, p) for label, _, p in curves]
-    # legends in the corner the curves leave free: bottom left for success, bottom right for precision
-    draw_plot(draw, (m, 30, W - 16, H - m), success, (0, 1), (0, 1), "Success plot", "overlap threshold")
-    draw_plot(draw, (W + m, 30, 2 * W - 16, H - m), precision, (0, 50), (0, 1), "Precision plot",
-              "location error threshold (px)", legend="bottom right")
-    make_parent(path)
-    image.save(path)
-
-
-# -----------------------------------------------------------------------------
-# Windows: draw the first box (the picker) and watch the tracker live (--show), with Tk from the standard
-# library and Pillow's ImageTk. tkinter is imported only when a window opens: track.py runs where Tk is missing.
-
-PICK_TITLE, SHOW_TITLE = "pntrack: draw the box", "pntrack: tracking"    # window titles (the tests find them)
-
-
-def open_window(title):
-    """A Tk root window titled `title`, or None where none can open (no DISPLAY, no X server, no tkinter)."""
-    try:
-        import tkinter
-    except ImportError:
-        return None
-    try:
-        root = tkinter.Tk()
-    except tkinter.TclError:                           # "no display name and no $DISPLAY", "couldn't connect"
-        return None
-    root.title(title)
-    return root
-
-
-def fit_to_screen(root, image):
-    """(image scaled down, never up, so it fits the screen with a line of text below it; the scale)."""
-    scale = min(1.0, 0.95 * root.winfo_screenwidth() / image.width, (root.winfo_screenheight() - 80) / image.height)
-    if scale < 1:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-    return image, scale
-
-
-def pick_box(first_frame, path):
-    """The first box, drawn by the user on `first_frame` -> (x, y, w, h) in frame pixels, whole numbers.
-
-    The frame is shown scaled down to fit the screen. A drag draws a rectangle (a new drag replaces it; a click
-    without a drag is ignored), Enter or Space accepts it, Esc or closing the window cancels: BadInput, as when
-    no window can open (the box must then come from --box).
-    """
-    root = open_window(PICK_TITLE)
-    if root is None:
-        raise BadInput(f"{path}: drawing the first box (--select) needs a display, and none can be opened "
-                       f"(DISPLAY unset, or Tk cannot open it); give --box x,y,w,h")
-    import tkinter
-    from PIL import ImageTk
-    shown, scale = fit_to_screen(root, first_frame)
-    photo = ImageTk.PhotoImage(shown, master=root)
-    canvas = tkinter.Canvas(root, width=shown.width, height=shown.height, highlightthickness=0, cursor="crosshair")
-    canvas.create_image(0, 0, image=photo, anchor="nw")
-    rect = canvas.create_rectangle(0, 0, 0, 0, outline="red", width=2, state="hidden")
-    canvas.pack(anchor="nw")                    # at the window's top-left corner
-    tkinter.Label(root, text="drag a box around the target; Enter or Space: track it, Esc: cancel",
-                  wraplength=shown.width, justify="left", padx=0, bd=0).pack(anchor="w")   # window = picture wide
-    start, drawn, chosen = [0, 0], [], []       # canvas px: where the drag began, the box on screen, the box taken
-
-    def at(event):                              # the pointer, kept on the picture
-        return min(max(event.x, 0), shown.width), min(max(event.y, 0), shown.height)
-
-    def press(event):
-        start[:] = at(event)
-
-    def drag(event):
-        (x0, y0), (x1, y1) = start, at(event)
-        drawn[:] = [(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))]
-        canvas.coords(rect, *drawn[0])
-        canvas.itemconfigure(rect, state="normal")
-
-    def accept(event):
-        if drawn and drawn[0][0] < drawn[0][2] and drawn[0][1] < drawn[0][3]:   # a zero-size box: keep waiting
-            chosen[:] = drawn
-            root.quit()
-
-    canvas.bind("<ButtonPress-1>", press)
-    canvas.bind("<B1-Motion>", drag)
-    for key in ("<Return>", "<KP_Enter>", "<space>"):
-        root.bind(key, accept)
-    root.bind("<Escape>", lambda event: root.quit())
-    root.protocol("WM_DELETE_WINDOW", root.quit)
-    root.mainloop()
-    root.destroy()
-    if not chosen:
-        raise BadInput(f"{path}: no box drawn (Esc, or the window was closed); nothing tracked")
-    x0, y0, x1, y1 = (round(v / scale) for v in chosen[0])
-    return x0, y0, x1 - x0, y1 - y0
-
-
-class Viewer:
-    """--show: a window with each frame as it is tracked, its boxes drawn, the frame number and the running FPS.
-
-    `show` returns True once the user asks to stop (q, Esc, or closing the window); Space pauses and goes on.
-    Time spent here is the display's, not tracking's: run_tracker leaves it out of the end-to-end speed, and so
-    does the running FPS shown.
-    """
-    def __init__(self, name, n):
-        self.root = open_window(SHOW_TITLE)
-        if self.root is None:
-            raise BadInput("--show: no display to open a window on (DISPLAY unset, or Tk cannot open it); "
-                           "--save FILE.mp4 writes the frames with the box instead")
-        import tkinter
-        self.name, self.of = name, f"/{n}" if n else ""
-        self.picture = tkinter.Label(self.root)
-        self.picture.pack()
-        self.status = tkinter.Label(self.root, text="loading the network ...", anchor="w", font="TkFixedFont")
-        self.status.pack(fill="x")
-        for key in ("q", "<Escape>"):
-            self.root.bind(key, self.stop)
-        self.root.bind("<space>", self.pause)
-        self.root.protocol("WM_DELETE_WINDOW", self.stop)
-        self.stopped, self.paused = False, False
-        self.start, self.outside = None, 0.0           # when frame 1 was shown; seconds spent in `show` since
-        self.root.update()                             # the window opens while the network loads
-
-    def stop(self, event=None):
-        self.stopped = True
-
-    def pause(self, event=None):
-        self.paused = not self.paused
-
-    def show(self, i, image):
-        """Show frame i, its boxes drawn (None: it failed to decode, the last picture stays); True: stop."""
-        from PIL import ImageTk
-        t = time.perf_counter()
-        self.start = self.start or t
-        if image is not None:                          # kept in self: Tk shows the picture only while it lives
-            self.photo = ImageTk.PhotoImage(fit_to_screen(self.root, image)[0], master=self.root)
-            self.picture.configure(image=self.photo)
-        fps = i / (t - self.start - self.outside) if i else 0.0
-        self.status.configure(text=f"frame {i + 1}{self.of}   {fps:5.1f} FPS   Space: pause   q, Esc: stop")
-        title = f"{SHOW_TITLE}: {self.name}, frame {i + 1}{self.of}"
-        self.root.title(title)
-        self.root.update()                             # draws, and handles the keys pressed since the last frame
-        if self.paused:
-            self.root.title(title + " (paused)")
-        while self.paused and not self.stopped:
-            self.root.update()
-            time.sleep(0.02)
-        self.outside += time.perf_counter() - t
-        return self.stopped
-
-    def close(self):
-        self.root.destroy()
+    tracker = pntrack.Tracker(net, device=device)
+    ours, static = [], []
+    for clip in clips:
+        gt = np.stack([clip.box(t) for t in range(len(clip))])
+        boxes, _, _ = run_tracker(tracker, (clip.frame(t) for t in range(len(clip))), gt[0],
+                                  name=getattr(clip, "name", None))
+        ours.append(evaluate(boxes, gt)["auc"])
+        static.append(evaluate(np.repeat(gt[:1], len(gt), 0), gt)["auc"])
+    return float(np.mean(ours)), float(np.mean(static)), ours, static
 
 
 # -----------------------------------------------------------------------------
 # Command line
+
+CURVE_LABEL, STATIC_LABEL = "PNTrack", "static first box"     # --plot: the tracker and the box that never moves
+
 
 def parse_args(argv):
     """The CLI. Flags are names of what they set; no flag changes the method (that is train.py's config)."""
@@ -663,7 +220,8 @@ def parse_args(argv):
     p.add_argument("--out", help="result file, one x,y,w,h line per frame (the given box first); "
                                  "for a dataset root a folder: OUT/<sequence>.txt")
     p.add_argument("--save", help="write the frames with the box drawn to FILE.mp4 (full size) or FILE.gif "
-                                  f"(at most {GIF_WIDTH} px wide, {GIF_COLOURS} colours: small enough for a web page)")
+                                  f"(at most {drawing.GIF_WIDTH} px wide, {drawing.GIF_COLOURS} colours: small "
+                                  f"enough for a web page)")
     p.add_argument("--plot", help="draw the success and precision plots into FILE.png, the tracker next to the "
                                   "static first box (needs ground truth)")
     p.add_argument("--ckpt", help=f"checkpoint written by train.py (default: {DEFAULT_CKPT} if it exists, "
@@ -715,18 +273,18 @@ def open_sequence(path, box_text, limit, select=False):
     if box_text:
         box_from = f"--box {box_text}"
         try:
-            box = parse_box(box_text, box_from)
+            box = media.parse_box(box_text, box_from)
         except ValueError as e:
             raise BadInput(str(e)) from None
     elif not os.path.isdir(path):                      # a video or GIF: the sidecar beside it, if there is one
-        box, box_from = sidecar_box(path)
+        box, box_from = media.sidecar_box(path)
     if os.path.isdir(path):
-        files = list_frames(path)
-        gt_file = find_box_file(path)
+        files = media.list_frames(path)
+        gt_file = media.find_box_file(path)
         if gt_file:
             # read and checked before any tracking, so a bad file fails at once, not after a long run
             try:
-                gt = read_boxes(gt_file)
+                gt = media.read_boxes(gt_file)
             except ValueError as e:                    # names file:line and what is wrong with it
                 raise BadInput(str(e)) from None
             # one line is a first box only (GOT-10k's test split): nothing to score against
@@ -734,26 +292,27 @@ def open_sequence(path, box_text, limit, select=False):
                 fewer = "fewer" if len(gt) < len(files) else "more"
                 raise BadInput(f"{gt_file}: {len(gt)} boxes for {len(files)} frames ({fewer} boxes than frames)")
         files = files[:limit]
-        frames, n, fps = image_frames(files), len(files), 30
+        frames, n, fps = media.image_frames(files), len(files), 30
     elif path.lower().endswith(".gif"):
         gif = None
         try:
             gif = Image.open(path)
             n = getattr(gif, "n_frames", 1)            # counting the frames reads the whole file
-        except PIL_ERRORS as e:
+        except media.PIL_ERRORS as e:
             if gif is not None:
                 gif.close()
             raise BadInput(f"{path}: cannot open as a GIF ({e})") from None
         name = os.path.splitext(name)[0]
         ms = max(gif.info.get("duration") or 100, 10)  # ms per frame
         # (browsers also treat GIF delays under 10 ms as 100 ms; we only keep the rate sane for --save)
-        frames, fps = gif_frames(gif, path), 1000 / ms
-    elif path.lower().endswith(IMAGE_EXT):
+        frames, fps = media.gif_frames(gif, path), 1000 / ms
+    elif path.lower().endswith(media.IMAGE_EXT):
         raise BadInput(f"{path}: a single image; give a video, a GIF or a folder of frames")
     else:                                              # anything else: whatever FFmpeg can read
-        container, stream = open_video(path)
+        container, stream = media.open_video(path)
         name = os.path.splitext(name)[0]
-        frames, n, fps = video_frames(container, stream, path), stream.frames or None, stream.average_rate or 30
+        frames = media.video_frames(container, stream, path)
+        n, fps = stream.frames or None, stream.average_rate or 30
     if limit and n:
         n = min(n, limit)
     if not box_text and gt is not None:                # a sequence folder: its first ground-truth line
@@ -767,10 +326,10 @@ def open_sequence(path, box_text, limit, select=False):
         if first is None:
             raise BadInput(f"{path}: no frames to track")
         frames = itertools.chain([first], frames)
-        box_text = "%d,%d,%d,%d" % pick_box(first, path)
+        box_text = "%d,%d,%d,%d" % window.pick_box(first, path)
         print(f"box: --box {box_text}  (drawn; give it to repeat this run without the window)")
         box_from = f"--box {box_text}"
-        box = parse_box(box_text, box_from)            # the check a typed --box gets
+        box = media.parse_box(box_text, box_from)      # the check a typed --box gets
     if gt is not None:
         gt = gt[:limit] if len(gt) > 1 else None
     return dict(name=name, frames=itertools.islice(frames, limit), n=n, gt=gt, box=box, fps=fps,
@@ -783,14 +342,14 @@ def track_sequence(tracker, seq, path, save=None, viewer=None):
     viewer: a Viewer (--show), closed here; the user can stop the run there (q), its boxes so far returned.
     Returns (boxes (N, 4), seconds in total, seconds in the network, frames the network saw).
     """
-    saver = Saver(save, seq["fps"]) if save else None
+    saver = drawing.Saver(save, seq["fps"]) if save else None
     start, seen = time.perf_counter(), 0               # seen: frames given to the network (not the first)
 
     def on_frame(i, image, box):
         nonlocal seen
         seen += i > 0 and image is not None
         if image is not None and (saver or viewer):
-            draw_boxes(image, box, seq["gt"][i] if seq["gt"] is not None else None)
+            drawing.draw_boxes(image, box, seq["gt"][i] if seq["gt"] is not None else None)
         if saver:
             saver.add(image)
         if (i + 1) % PROGRESS_EVERY == 0:
@@ -841,7 +400,7 @@ def check_args(args):
     if not os.path.exists(args.input):
         raise BadInput(f"{args.input}: no such file or folder")
     # a folder is a sequence if it holds frames (itself, img/ or color/), else a dataset root if it holds sequences
-    if os.path.isdir(args.input) and not list_frames(args.input) and not list_sequences(args.input):
+    if os.path.isdir(args.input) and not media.list_frames(args.input) and not media.list_sequences(args.input):
         raise BadInput(f"{args.input}: no images in this folder (nor in img/ or color/), "
                        f"and no sequence folders (frames + groundtruth.txt) below it")
 
@@ -866,13 +425,13 @@ def track_one(args):
     seq = open_sequence(args.input, args.box, args.frames, args.select)
     if args.plot and seq["gt"] is None:
         raise BadInput(f"--plot: {args.input} has no ground truth to plot against")
-    viewer = Viewer(seq["name"], seq["n"]) if args.show else None     # no display: one line, before the network
+    viewer = window.Viewer(seq["name"], seq["n"]) if args.show else None  # no display: one line, before the network
     tracker = make_tracker(args)
     boxes, total, model, seen = track_sequence(tracker, seq, args.input, args.save, viewer)
     if viewer and viewer.stopped:
         print(f"stopped at frame {len(boxes)} (q or Esc in the window); the results hold the frames tracked so far")
     if args.out:
-        write_boxes(args.out, boxes)
+        media.write_boxes(args.out, boxes)
         print(f"wrote {args.out} ({len(boxes)} boxes)")
     if args.save:
         print(f"wrote {args.save} ({len(boxes)} frames)")
@@ -881,8 +440,8 @@ def track_one(args):
         print(f"{seq['name']}: {format_scores(scores)}")
         if args.plot:                                  # next to the baseline that never moves the first box
             static = evaluate(np.repeat(boxes[:1], len(boxes), 0), seq["gt"][:len(boxes)])
-            plot_curves(args.plot, [(CURVE_LABEL, scores["success_curve"], scores["precision_curve"]),
-                                    (STATIC_LABEL, static["success_curve"], static["precision_curve"])])
+            drawing.plot_curves(args.plot, [(CURVE_LABEL, scores["success_curve"], scores["precision_curve"]),
+                                            (STATIC_LABEL, static["success_curve"], static["precision_curve"])])
             print(f"wrote {args.plot}")
     print(speed_line(len(boxes), total, model, seen, tracker))
 
@@ -897,7 +456,7 @@ def track_dataset(args):
             raise BadInput(f"--{flag}: not supported for a dataset root ({args.input}); run on one sequence folder")
     if args.out and os.path.isfile(args.out):
         raise BadInput(f"--out {args.out}: is a file; a dataset root needs a folder (OUT/<sequence>.txt)")
-    folders = list_sequences(args.input)
+    folders = media.list_sequences(args.input)
     # every GT file is read and checked before the first sequence is tracked; frames are read lazily
     seqs = [open_sequence(f, None, args.frames) for f in folders]
     tracker = make_tracker(args)
@@ -910,7 +469,7 @@ def track_dataset(args):
         boxes, t, m, seen = track_sequence(tracker, seq, folder)
         n_frames, n_seen, total, model = n_frames + len(boxes), n_seen + seen, total + t, model + m
         if args.out:
-            write_boxes(os.path.join(args.out, seq["name"] + ".txt"), boxes)
+            media.write_boxes(os.path.join(args.out, seq["name"] + ".txt"), boxes)
         if seq["gt"] is None:                          # a first box only: tracked, not scored
             print(f"{seq['name']:<{width}} {len(boxes):>6}  (no ground truth beyond the first box)")
             continue
@@ -925,8 +484,8 @@ def track_dataset(args):
               + " ".join(f"{100 * mean[k]:7.1f}" for k in SCORES) + f" {n_frames / total:7.1f}")
         if args.plot:
             static = {k: np.mean([r["static"][k] for r in rows], 0) for k in ("success_curve", "precision_curve")}
-            plot_curves(args.plot, [(CURVE_LABEL, mean["success_curve"], mean["precision_curve"]),
-                                    (STATIC_LABEL, static["success_curve"], static["precision_curve"])])
+            drawing.plot_curves(args.plot, [(CURVE_LABEL, mean["success_curve"], mean["precision_curve"]),
+                                            (STATIC_LABEL, static["success_curve"], static["precision_curve"])])
             print(f"wrote {args.plot}")
     elif args.plot:
         warn(f"--plot {args.plot}: no sequence has ground truth beyond its first box; nothing to plot")
@@ -947,7 +506,7 @@ def main(argv=None):
         args.out, args.save = args.out or DEMO_OUT + ".txt", args.save or DEMO_OUT + ".gif"
     try:
         check_args(args)
-        if os.path.isdir(args.input) and not list_frames(args.input):
+        if os.path.isdir(args.input) and not media.list_frames(args.input):
             track_dataset(args)
         else:
             track_one(args)
