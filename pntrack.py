@@ -74,6 +74,12 @@ class Config:
     keep_aspect: bool = False        # ours: w:h stays the first box's, the predicted w*h sets the size
     readout_power: float = 0.0       # ours: 0 = the box at the windowed score's peak (OSTrack); p > 0 =
                                      # the mean of every cell's box weighted by (score x window)^p (soft read-out)
+    memory_min_similarity: float = 0.0   # ours: a picked memory template joins only if its stem tokens' cosine
+                                     # similarity to the first template's reaches this; else the first template
+                                     # takes its place, so a template cut around a distractor is not used (0: off)
+    verify_move: bool = False        # ours: the box moves only if a template cut at the new box is about as
+                                     # similar (stem tokens, cosine) to the first template as one cut at the old box
+    verify_margin: float = 0.0       # ours: ... "about": it stays only if the old box's similarity is higher by more
     move_full_score: float = 0.0     # ours: above hold_below_score the box moves only part of the way,
                                      # (peak - hold) / (this - hold), all of it from this peak up (0: all or nothing)
     # DCA (DESIGN §3; PNTrack)
@@ -1206,6 +1212,8 @@ class Tracker:
     def templates(self):
         """First-frame template + the stored crops nearest in time to `memory_picks()` (exact until thinned)."""
         picks = [(0, self.first)] + [min(self.memory, key=lambda e: abs(e[0] - f)) for f in self.memory_picks()]
+        if self.cfg.memory_min_similarity > 0:     # ours (DESIGN §6): no template that looks unlike the first
+            picks = [p if self._ours_similar(*p) else picks[0] for p in picks]
         if not self.cache_templates:
             return torch.stack([crop for _, crop in picks])[None]                        # (1, n, 3, Sz, Sz)
         return torch.cat([self._tokens(f, crop) for f, crop in picks])[None]             # (1, n*Nz, D)
@@ -1241,7 +1249,10 @@ class Tracker:
             box = decode_box(windowed, size, offset)[0]                # (4,) normalised to the search crop
         box = box_from_crop(box.cpu().double().numpy() * cfg.search_size, tf)           # image px
         box = self._ours_adjust(box, peak)     # ours (DESIGN §6): partial move, size bound, kept aspect ratio
-        self.box = clip_box(box, *image.size)                          # SSTrack: at least 10 px inside the image
+        box = clip_box(box, *image.size)                               # SSTrack: at least 10 px inside the image
+        if cfg.verify_move and not self._ours_verify(image, box):    # ours (DESIGN §6): staying looks more right
+            return self._ours_hold(image)
+        self.box = box
         # template memory (SSTrack): a template cut around every new box; ours (DESIGN §6): a frame whose peak
         # score is below memory_min_score is left out
         if peak >= cfg.memory_min_score:
@@ -1261,6 +1272,30 @@ class Tracker:
         self.held += 1                                          # counted over all runs, for the report
         self.box = clip_box(self.box, *image.size)             # (the given first box may overhang the image)
         return cxcywh_to_xywh(self.box)
+
+    def _similarity(self, tokens):
+        """(T, Nz, D) template tokens -> (T,) cosine similarity of each to the first template's tokens, with the
+        position embedding taken off and all Nz tokens as one vector (both crops are centred on their box, so
+        this compares them cell by cell)."""
+        first = (self._tokens(0, self.first) - self.net.pos_z[0]).flatten()
+        return F.cosine_similarity((tokens - self.net.pos_z).flatten(1), first[None], dim=1)
+
+    def _ours_verify(self, image, box):
+        """verify_move: cut a template at the new box and one at the old box, both in this frame; True if the new
+        one is at least as similar to the first template (the move finds the target, not a look-alike)."""
+        crops = torch.stack([self._template(image, b) for b in (box, self.box)])       # (2, 3, Sz, Sz)
+        start = time.perf_counter()
+        with autocast(self.device):
+            tokens = self.net.embed_templates(crops[None])[0].view(2, self.net.n_z, -1)  # (2, Nz, D)
+        self.model_seconds += time.perf_counter() - start
+        new, old = self._similarity(tokens.float()).tolist()
+        return new >= old - self.cfg.verify_margin
+
+    def _ours_similar(self, frame_no, crop):
+        """memory_min_similarity: is this stored template like the first one? Cosine similarity of the two
+        templates' stem tokens (position embedding taken off, all Nz tokens as one vector: the crops are both
+        centred on their box, so this compares them cell by cell)."""
+        return self._similarity(self._tokens(frame_no, crop)[None].float()).item() >= self.cfg.memory_min_similarity
 
     def _ours_read_out(self, windowed, size, offset):
         """readout_power > 0: the mean of every cell's box weighted by (score x window)^p (`soft_decode_box`)
