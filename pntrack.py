@@ -77,6 +77,8 @@ class Config:
     memory_min_similarity: float = 0.0   # ours: a picked memory template joins only if its stem tokens' cosine
                                      # similarity to the first template's reaches this; else the first template
                                      # takes its place, so a template cut around a distractor is not used (0: off)
+    candidates: int = 1              # ours: the k highest local maxima of the windowed score are candidate boxes;
+                                     # the one whose template is most like the first template wins (1: the peak)
     verify_move: bool = False        # ours: the box moves only if a template cut at the new box is about as
                                      # similar (stem tokens, cosine) to the first template as one cut at the old box
     verify_margin: float = 0.0       # ours: ... "about": it stays only if the old box's similarity is higher by more
@@ -1150,6 +1152,17 @@ def soft_decode_box(score, size, offset, power):
     return (cells * w[:, None]).sum(2)
 
 
+def decode_peaks(score, size, offset, k):
+    """Ours (DESIGN §6): the boxes at the k highest local maxima (3 x 3) of a (1, 1, G, G) score map, highest
+    first; the first is `decode_box`'s. -> (k', 4) normalised (cx, cy, w, h), k' <= k."""
+    G = score.shape[-1]
+    is_max = score == F.max_pool2d(score, 3, stride=1, padding=1)                # (1, 1, G, G)
+    idx = torch.where(is_max, score, torch.zeros_like(score)).flatten().topk(k).indices[:int(is_max.sum())]
+    row, col = (idx // G).to(size.dtype), (idx % G).to(size.dtype)             # (k',)
+    wh, off = size[0].flatten(1)[:, idx], offset[0].flatten(1)[:, idx]         # (2, k')
+    return torch.stack([(col + off[0]) / G, (row + off[1]) / G, wh[0], wh[1]], -1)
+
+
 class Tracker:
     """`init(image, box)` then `update(image) -> box`; boxes are (x, y, w, h) in image pixels.
 
@@ -1247,11 +1260,11 @@ class Tracker:
             box = self._ours_read_out(windowed, size, offset)
         else:                                  # OSTrack: the box at the windowed score's peak
             box = decode_box(windowed, size, offset)[0]                # (4,) normalised to the search crop
-        box = box_from_crop(box.cpu().double().numpy() * cfg.search_size, tf)           # image px
-        box = self._ours_adjust(box, peak)     # ours (DESIGN §6): partial move, size bound, kept aspect ratio
-        box = clip_box(box, *image.size)                               # SSTrack: at least 10 px inside the image
-        if cfg.verify_move and not self._ours_verify(image, box):    # ours (DESIGN §6): staying looks more right
-            return self._ours_hold(image)
+        box = self._to_image(box, tf, peak, image.size)               # image px, clipped
+        if cfg.candidates > 1 or cfg.verify_move:   # ours (DESIGN §6): the candidate most like the first template
+            box = self._ours_verify(image, box, (windowed, size, offset), tf, peak)
+            if box is None:                                            # staying put looks more like the target
+                return self._ours_hold(image)
         self.box = box
         # template memory (SSTrack): a template cut around every new box; ours (DESIGN §6): a frame whose peak
         # score is below memory_min_score is left out
@@ -1280,16 +1293,29 @@ class Tracker:
         first = (self._tokens(0, self.first) - self.net.pos_z[0]).flatten()
         return F.cosine_similarity((tokens - self.net.pos_z).flatten(1), first[None], dim=1)
 
-    def _ours_verify(self, image, box):
-        """verify_move: cut a template at the new box and one at the old box, both in this frame; True if the new
-        one is at least as similar to the first template (the move finds the target, not a look-alike)."""
-        crops = torch.stack([self._template(image, b) for b in (box, self.box)])       # (2, 3, Sz, Sz)
+    def _to_image(self, box, tf, peak, size):
+        """A (4,) box normalised to the search crop -> image px (cx, cy, w, h): mapped back, our adjustments
+        (`_ours_adjust`), clipped with SSTrack's 10 px margin."""
+        box = box_from_crop(box.cpu().double().numpy() * self.cfg.search_size, tf)
+        return clip_box(self._ours_adjust(box, peak), *size)
+
+    def _ours_verify(self, image, box, maps, tf, peak):
+        """candidates / verify_move: cut a template at each candidate box (the read-out's first, then the other
+        local maxima of the windowed score) and, with verify_move, at the old box, all in this frame; the
+        candidate most similar to the first template wins, and None (stay) if the old box is more similar by more
+        than verify_margin. -> (cx, cy, w, h) or None."""
+        cfg = self.cfg
+        boxes = [box] + [self._to_image(b, tf, peak, image.size) for b in decode_peaks(*maps, cfg.candidates)[1:]]
+        crops = torch.stack([self._template(image, b) for b in boxes + [self.box]])  # (k + 1, 3, Sz, Sz)
         start = time.perf_counter()
         with autocast(self.device):
-            tokens = self.net.embed_templates(crops[None])[0].view(2, self.net.n_z, -1)  # (2, Nz, D)
+            tokens = self.net.embed_templates(crops[None])[0].view(len(crops), self.net.n_z, -1)  # (k+1, Nz, D)
         self.model_seconds += time.perf_counter() - start
-        new, old = self._similarity(tokens.float()).tolist()
-        return new >= old - self.cfg.verify_margin
+        sims = self._similarity(tokens.float()).tolist()
+        best = max(range(len(boxes)), key=lambda i: sims[i])          # ties: the higher score
+        if cfg.verify_move and sims[-1] > sims[best] + cfg.verify_margin:
+            return None
+        return boxes[best]
 
     def _ours_similar(self, frame_no, crop):
         """memory_min_similarity: is this stored template like the first one? Cosine similarity of the two
