@@ -72,18 +72,9 @@ class Config:
     hold_below_score: float = 0.0    # ours: keep the last box where the peak score C is below this (0: always move)
     window_power: float = 1.0        # ours: score x hann^p; p > 1 penalises jumps more (OSTrack: 1)
     keep_aspect: bool = False        # ours: w:h stays the first box's, the predicted w*h sets the size
-    readout_power: float = 0.0       # ours: 0 = the box at the windowed score's peak (OSTrack); p > 0 =
-                                     # the mean of every cell's box weighted by (score x window)^p (soft read-out)
-    memory_min_similarity: float = 0.0   # ours: a picked memory template joins only if its stem tokens' cosine
-                                     # similarity to the first template's reaches this; else the first template
-                                     # takes its place, so a template cut around a distractor is not used (0: off)
-    candidates: int = 1              # ours: the k highest local maxima of the windowed score are candidate boxes;
-                                     # the one whose template is most like the first template wins (1: the peak)
-    verify_move: bool = False        # ours: the box moves only if a template cut at the new box is about as
-                                     # similar (stem tokens, cosine) to the first template as one cut at the old box
-    verify_margin: float = 0.0       # ours: ... "about": it stays only if the old box's similarity is higher by more
-    move_full_score: float = 0.0     # ours: above hold_below_score the box moves only part of the way,
-                                     # (peak - hold) / (this - hold), all of it from this peak up (0: all or nothing)
+    verify_move: bool = False        # ours: the box moves only if a template cut at the new box looks about as much
+                                     # like the first template (stem tokens, cosine) as one cut at the old box does
+    verify_margin: float = 0.0       # ours: "about": the box stays only if the old box is more similar by more than this
     # DCA (DESIGN §3; PNTrack)
     dca: bool = True
     prompt: bool = True              # prompt mode for epoch <= dca_epoch
@@ -1137,32 +1128,6 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-# Ours (DESIGN §6): the soft read-out the Tracker uses where `Config.readout_power` > 0 (0 in every preset).
-
-def soft_decode_box(score, size, offset, power):
-    """Ours (DESIGN §6): like `decode_box`, but the mean of every cell's box weighted by score^power, so a
-    near-tie of two cells moves the box a little instead of flipping it. (B, 1, G, G) maps -> (B, 4)."""
-    B, _, G, _ = score.shape
-    w = score.flatten(1) ** power
-    w = w / w.sum(1, keepdim=True)                                     # (B, G*G)
-    grid = torch.arange(G, dtype=size.dtype, device=size.device)
-    cx = (grid[None, :] + offset[:, 0]) / G                            # (B, G, G): each cell's box
-    cy = (grid[:, None] + offset[:, 1]) / G
-    cells = torch.stack([cx, cy, size[:, 0], size[:, 1]], 1).flatten(2)   # (B, 4, G*G)
-    return (cells * w[:, None]).sum(2)
-
-
-def decode_peaks(score, size, offset, k):
-    """Ours (DESIGN §6): the boxes at the k highest local maxima (3 x 3) of a (1, 1, G, G) score map, highest
-    first; the first is `decode_box`'s. -> (k', 4) normalised (cx, cy, w, h), k' <= k."""
-    G = score.shape[-1]
-    is_max = score == F.max_pool2d(score, 3, stride=1, padding=1)                # (1, 1, G, G)
-    idx = torch.where(is_max, score, torch.zeros_like(score)).flatten().topk(k).indices[:int(is_max.sum())]
-    row, col = (idx // G).to(size.dtype), (idx % G).to(size.dtype)             # (k',)
-    wh, off = size[0].flatten(1)[:, idx], offset[0].flatten(1)[:, idx]         # (2, k')
-    return torch.stack([(col + off[0]) / G, (row + off[1]) / G, wh[0], wh[1]], -1)
-
-
 class Tracker:
     """`init(image, box)` then `update(image) -> box`; boxes are (x, y, w, h) in image pixels.
 
@@ -1225,8 +1190,6 @@ class Tracker:
     def templates(self):
         """First-frame template + the stored crops nearest in time to `memory_picks()` (exact until thinned)."""
         picks = [(0, self.first)] + [min(self.memory, key=lambda e: abs(e[0] - f)) for f in self.memory_picks()]
-        if self.cfg.memory_min_similarity > 0:     # ours (DESIGN §6): no template that looks unlike the first
-            picks = [p if self._ours_similar(*p) else picks[0] for p in picks]
         if not self.cache_templates:
             return torch.stack([crop for _, crop in picks])[None]                        # (1, n, 3, Sz, Sz)
         return torch.cat([self._tokens(f, crop) for f, crop in picks])[None]             # (1, n*Nz, D)
@@ -1256,15 +1219,12 @@ class Tracker:
         if peak < cfg.hold_below_score:        # ours (DESIGN §6): an unsure frame keeps its box, stores no template
             return self._ours_hold(image)
         windowed = score * self.window                                 # the Hann window penalises large jumps
-        if cfg.readout_power > 0:              # ours (DESIGN §6): the soft read-out
-            box = self._ours_read_out(windowed, size, offset)
-        else:                                  # OSTrack: the box at the windowed score's peak
-            box = decode_box(windowed, size, offset)[0]                # (4,) normalised to the search crop
-        box = self._to_image(box, tf, peak, image.size)               # image px, clipped
-        if cfg.candidates > 1 or cfg.verify_move:   # ours (DESIGN §6): the candidate most like the first template
-            box = self._ours_verify(image, box, (windowed, size, offset), tf, peak)
-            if box is None:                                            # staying put looks more like the target
-                return self._ours_hold(image)
+        box = decode_box(windowed, size, offset)[0]                    # (4,) normalised to the search crop
+        box = box_from_crop(box.cpu().double().numpy() * cfg.search_size, tf)           # image px
+        box = self._ours_adjust(box)           # ours (DESIGN §6): size bound, kept aspect ratio
+        box = clip_box(box, *image.size)                               # SSTrack: at least 10 px inside the image
+        if cfg.verify_move and not self._ours_verify(image, box):    # ours (DESIGN §6): staying looks more right
+            return self._ours_hold(image)
         self.box = box
         # template memory (SSTrack): a template cut around every new box; ours (DESIGN §6): a frame whose peak
         # score is below memory_min_score is left out
@@ -1293,48 +1253,22 @@ class Tracker:
         first = (self._tokens(0, self.first) - self.net.pos_z[0]).flatten()
         return F.cosine_similarity((tokens - self.net.pos_z).flatten(1), first[None], dim=1)
 
-    def _to_image(self, box, tf, peak, size):
-        """A (4,) box normalised to the search crop -> image px (cx, cy, w, h): mapped back, our adjustments
-        (`_ours_adjust`), clipped with SSTrack's 10 px margin."""
-        box = box_from_crop(box.cpu().double().numpy() * self.cfg.search_size, tf)
-        return clip_box(self._ours_adjust(box, peak), *size)
-
-    def _ours_verify(self, image, box, maps, tf, peak):
-        """candidates / verify_move: cut a template at each candidate box (the read-out's first, then the other
-        local maxima of the windowed score) and, with verify_move, at the old box, all in this frame; the
-        candidate most similar to the first template wins, and None (stay) if the old box is more similar by more
-        than verify_margin. -> (cx, cy, w, h) or None."""
-        cfg = self.cfg
-        boxes = [box] + [self._to_image(b, tf, peak, image.size) for b in decode_peaks(*maps, cfg.candidates)[1:]]
-        crops = torch.stack([self._template(image, b) for b in boxes + [self.box]])  # (k + 1, 3, Sz, Sz)
+    def _ours_verify(self, image, box):
+        """verify_move: cut a template at the new box and one at the old box, both in this frame, and compare each
+        with the first template (`_similarity`). True (move) unless the old box is more similar by more than
+        verify_margin: a move onto a look-alike or onto background looks less like the target than staying."""
+        crops = torch.stack([self._template(image, b) for b in (box, self.box)])       # (2, 3, Sz, Sz)
         start = time.perf_counter()
         with autocast(self.device):
-            tokens = self.net.embed_templates(crops[None])[0].view(len(crops), self.net.n_z, -1)  # (k+1, Nz, D)
+            tokens = self.net.embed_templates(crops[None])[0].view(2, self.net.n_z, -1)  # (2, Nz, D)
         self.model_seconds += time.perf_counter() - start
-        sims = self._similarity(tokens.float()).tolist()
-        best = max(range(len(boxes)), key=lambda i: sims[i])          # ties: the higher score
-        if cfg.verify_move and sims[-1] > sims[best] + cfg.verify_margin:
-            return None
-        return boxes[best]
+        new, old = self._similarity(tokens.float()).tolist()
+        return old <= new + self.cfg.verify_margin
 
-    def _ours_similar(self, frame_no, crop):
-        """memory_min_similarity: is this stored template like the first one? Cosine similarity of the two
-        templates' stem tokens (position embedding taken off, all Nz tokens as one vector: the crops are both
-        centred on their box, so this compares them cell by cell)."""
-        return self._similarity(self._tokens(frame_no, crop)[None].float()).item() >= self.cfg.memory_min_similarity
-
-    def _ours_read_out(self, windowed, size, offset):
-        """readout_power > 0: the mean of every cell's box weighted by (score x window)^p (`soft_decode_box`)
-        instead of the box at the peak. -> (4,) normalised to the search crop."""
-        return soft_decode_box(windowed, size, offset, self.cfg.readout_power)[0]
-
-    def _ours_adjust(self, box, peak):
-        """The new box (cx, cy, w, h) image px, before clipping -> the box after the partial move, the size bound
-        and the kept aspect ratio, in this order (`self.box` is still the last frame's)."""
+    def _ours_adjust(self, box):
+        """The new box (cx, cy, w, h) image px, before clipping -> the box after the size bound and the kept
+        aspect ratio, in this order (`self.box` is still the last frame's)."""
         cfg = self.cfg
-        if cfg.move_full_score > cfg.hold_below_score:    # move_full_score: an unsure frame moves part of the way
-            a = min(1.0, (peak - cfg.hold_below_score) / (cfg.move_full_score - cfg.hold_below_score))
-            box = self.box + a * (box - self.box)
         if cfg.max_size_change > 0:            # max_size_change: w and h change at most this much per frame
             r = 1 + cfg.max_size_change
             box[2:] = np.clip(box[2:], self.box[2:] / r, self.box[2:] * r)

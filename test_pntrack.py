@@ -891,6 +891,54 @@ def test_memory_min_score_keeps_low_confidence_frames_out_of_the_template_memory
     assert [n for n, _ in tracker.memory] == ([0] if gate else [0, 1, 2, 3, 4])    # peak 0.3 < 0.5
 
 
+class ShiftedNet(pntrack.PNTrack):
+    """A head that always points 3 cells right of the search crop's centre (a look-alike, or background), peak 0.9,
+    with the size of a box a quarter of the crop (the tracker's own box at search factor 4)."""
+    def forward(self, z, x):
+        B, G = x.shape[0], math.isqrt(self.n_x)
+        score = torch.full((B, 1, G, G), 0.01)
+        score[:, 0, G // 2, G // 2 + 3] = 0.9
+        return score, torch.full((B, 2, G, G), 0.25), torch.zeros(B, 2, G, G)
+
+
+def test_similarity_is_the_cosine_of_stem_tokens_without_the_position_embedding():
+    frames, boxes = make_clip(2, (300, 200))
+    tracker = pntrack.Tracker(ConstantNet(tiny(stem="patch16")), device="cpu")   # random 16-px patches: tokens
+    tracker.init(frames[0], boxes[0])                                             # that differ with the pixels
+    other = tracker._template(Image.fromarray(frames[1]), np.array([150.0, 100.0, 20.0, 20.0]))   # background
+    with torch.inference_mode():
+        tokens = tracker.net.embed_templates(torch.stack([tracker.first, other])[None])[0].view(2, tracker.net.n_z, -1)
+        sims = tracker._similarity(tokens)
+    by_hand = F.cosine_similarity((tokens[1] - tracker.net.pos_z[0]).flatten(), (tokens[0] - tracker.net.pos_z[0]).flatten(), 0)
+    assert torch.isclose(sims[0], torch.tensor(1.0)) and torch.isclose(sims[1], by_hand) and sims[1] < 0.99
+
+
+@pytest.mark.parametrize("verify, margin", [(False, 0.0), (True, 0.0), (True, 2.0)])
+def test_verify_move_keeps_the_box_where_a_move_would_leave_the_target(verify, margin):
+    frames, boxes = make_clip(4, (300, 200), start=(140, 90), step=(0, 0))           # the object stays put
+    cfg = tiny(max_size_change=0, hold_below_score=0, search_factor=4.0, verify_move=verify, verify_margin=margin,
+               stem="patch16")
+    tracker = pntrack.Tracker(ShiftedNet(cfg), device="cpu")
+    tracker.init(frames[0], boxes[0])
+    out = np.array([tracker.update(f) for f in frames[1:]])
+    # the head says "3 cells right" (a cell is 10 px here: the 80 px crop over 8 cells) every frame; a template cut
+    # there shows background, one at the old box the object itself (similarity 1), so verification stays put --
+    # unless the margin (2: more than any cosine difference) lets every move through
+    stays = verify and margin < 1
+    assert tracker.held == (3 if stays else 0)
+    assert np.allclose(out[:, 0] - boxes[0][0], [0, 0, 0] if stays else [30, 60, 90], atol=1e-6), out
+    assert [n for n, _ in tracker.memory] == ([0] if stays else [0, 1, 2, 3])      # no template from a held frame
+
+
+def test_verify_move_lets_the_tracker_follow_a_moving_object():
+    frames, boxes = make_clip(10, (300, 200), step=(12, 6))      # 12 px a frame: the old box is mostly background
+    tracker = pntrack.Tracker(BrightObjectNet(tiny(verify_move=True, stem="patch16")), device="cpu")
+    tracker.init(frames[0], boxes[0])
+    out = [tracker.update(f) for f in frames[1:]]
+    # the new box shows the object, the old one mostly background: every move is verified
+    assert tracker.held == 0 and np.allclose(out, boxes[1:], atol=1.5)
+
+
 def test_clip_box_keeps_a_margin_inside_the_image():
     assert np.allclose(pntrack.clip_box(np.array([-50.0, 40.0, 20.0, 20.0]), 100, 80), [5, 40, 10, 20])
     assert np.allclose(pntrack.clip_box(np.array([50.0, 40.0, 300.0, 20.0]), 100, 80), [50, 40, 100, 20])

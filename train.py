@@ -640,8 +640,7 @@ def load_data(args, cfg):
 
 
 TRACKER_FIELDS = ("n_templates", "memory_size", "memory_min_score", "max_size_change", "hold_below_score",
-                  "window_power", "keep_aspect", "readout_power", "move_full_score", "memory_min_similarity",
-                  "candidates", "verify_move", "verify_margin")
+                  "window_power", "keep_aspect", "verify_move", "verify_margin")
 
 
 def export(args):
