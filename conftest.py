@@ -178,7 +178,8 @@ def short_run(out, *flags, **options):
 class BrightObjectNet(pntrack.PNTrack):
     """A perfect detector: it finds the bright pixels of the search crop (make_clip's object is brighter than
     anything around it) and reports them in the center head's format, so the tracker's own geometry (search crop
-    -> head maps -> Hann window -> image box) is what is tested."""
+    -> head maps -> Hann window -> image box) is what is tested. It reads pixels, so it needs `verify_move` off
+    (verification hands the network the search crop's stem tokens instead of its pixels)."""
     def forward(self, z, x):                                  # x: (B, 3, Sx, Sx) normalised search crop
         B, _, S, _ = x.shape
         G = math.isqrt(self.n_x)

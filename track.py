@@ -379,8 +379,9 @@ def speed_line(frames, total, model, seen, tracker):
     n = torch.get_num_threads()
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {n} thread{'s' * (n > 1)}"
     fps_model = f"{seen / model:.1f}" if model > 0 else "n/a"
-    held = (f"; box held on {tracker.held} of {seen} frames (peak score < {tracker.cfg.hold_below_score:g})"
-            if tracker.cfg.hold_below_score > 0 else "")
+    why = [f"peak score < {tracker.cfg.hold_below_score:g}"] * (tracker.cfg.hold_below_score > 0) \
+        + ["or the old box more like the first template"] * tracker.cfg.verify_move
+    held = f"; box held on {tracker.held} of {seen} frames ({' '.join(why)})" if why else ""
     return (f"speed: {fps_model} FPS model, {frames / total:.1f} FPS end to end "
             f"({where}, {tracker.cfg.name}, {frames} frames){held}")
 

@@ -427,7 +427,7 @@ def test_evaluate_tracker_scores_the_tracker_and_the_static_first_box_on_each_cl
         def box(self, t):
             return np.array(self.boxes[t], float)
     clips = [Clip((6, 3)), Clip((0, 0))]                          # moving; still (the static box is right)
-    mean, static_mean, ours, static = track.evaluate_tracker(BrightObjectNet(tiny()), clips, "cpu")
+    mean, static_mean, ours, static = track.evaluate_tracker(BrightObjectNet(tiny(verify_move=False)), clips, "cpu")
     gts = [np.array(c.boxes, float) for c in clips]
     assert static == [track.evaluate(np.repeat(g[:1], len(g), 0), g)["auc"] for g in gts]
     assert static[0] < 0.5 and static[1] == pytest.approx(20 / 21) and ours[1] > 0.9 and ours[0] > 0.85
@@ -568,7 +568,7 @@ def test_export_writes_fp16_weights_with_the_presets_tracker_settings_and_the_ru
     run = tmp_path / "run"
     # a run whose tracker settings differ from the preset's (and one network setting, depth 2)
     own = tiny(n_templates=2, memory_size=8, memory_min_score=0.3, max_size_change=0.2, hold_below_score=0.1,
-               window_power=1.0, keep_aspect=False, depth=2, dca_epoch=20)
+               window_power=1.0, keep_aspect=False, verify_move=False, verify_margin=0.5, depth=2, dca_epoch=20)
     torch.manual_seed(0)
     net = pntrack.PNTrack(own)
     pntrack.save_checkpoint(str(run / "pntrack.pt"), net)
@@ -585,6 +585,7 @@ def test_export_writes_fp16_weights_with_the_presets_tracker_settings_and_the_ru
     back = pntrack.load_checkpoint(str(tmp_path / "ship.pt"))
     assert back.cfg.depth == 2 and back.cfg.hold_below_score == preset.hold_below_score
     assert (back.cfg.window_power, back.cfg.keep_aspect) == (2.0, True)      # every inference-only field, named
+    assert (back.cfg.verify_move, back.cfg.verify_margin) == (True, 0.03)
     assert next(back.parameters()).dtype == torch.float32
     # nothing to export: one line, exit 2
     assert train.main(["--out", str(tmp_path / "none"), "--export", str(tmp_path / "x.pt")]) == 2
