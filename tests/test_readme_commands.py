@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_clip          # the one clip writer (mp4, GIF, sequence folders)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 HAS_SHARED = os.path.isdir(os.path.join(ROOT, "..", "shared", "data"))    # the sibling checkout of real data
@@ -89,7 +91,7 @@ COMMANDS = {
                             "tests run it shortened"),
     "pytest -q": skip("the whole suite (~2 minutes), which holds this module; CI runs it (`bash .ci/run`)"),
     # Read the code
-    "python train.py --explain assets --ckpt out/real3/pntrack.pt --log out/real3/train.log": RUN,  # stand-in run
+    "python train.py --explain assets --ckpt out/p3f1/pntrack.pt --log out/p3f1/train.log": RUN,  # stand-in run
     "python track.py /tmp/split/test --plot assets/success_test.png": SHARED,   # after --make-split /tmp/split
     # Train
     "python train.py --data ~/data/GOT-10k/train --val ~/data/OTB100 --config pntrack-256 --pretrained dropmae.pth":
@@ -101,8 +103,9 @@ COMMANDS = {
     "python train.py --help": RUN,                # and every train.py flag the README names is in the help
     "python train.py --data ../shared/data --make-split /tmp/split": SHARED,
     "OMP_NUM_THREADS=1 python train.py --data /tmp/split/train --val /tmp/split/val --eval-clips 0 --seed 1 "
-    "--out out/real3": skip("the release training run: 13m18s on a 2-core CPU (README), and it needs ../shared/data"),
-    "python train.py --out out/real3 --export assets/pntrack-tiny.pt": RUN,      # from a stand-in out/real3
+    "--first-template --out out/p3f1": skip("the release training run: under 1 CPU-hour (README), and it needs "
+                                            "../shared/data"),
+    "python train.py --out out/p3f1 --export assets/pntrack-tiny.pt": RUN,      # from a stand-in out/p3f1
     # Track
     "python track.py video.mp4 --box 120,80,60,90 --out boxes.txt --save tracked.mp4": RUN,
     "python track.py clip.mp4": RUN,             # the sidecar clip.txt gives the box
@@ -225,29 +228,6 @@ def clip(size, box, n, step=(3, 2)):
     return frames, np.array(boxes, float)
 
 
-def write_mp4(path, frames):
-    import av
-    with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
-        for f in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        container.mux(stream.encode(None))
-
-
-def write_gif(path, frames):
-    images = [Image.fromarray(f) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
-
-
-def write_sequence(folder, frames, boxes):
-    """An OTB-style sequence folder: img/0001.jpg, ... and groundtruth.txt."""
-    os.makedirs(os.path.join(folder, "img"))
-    for i, f in enumerate(frames):
-        Image.fromarray(f).save(os.path.join(folder, "img", f"{i + 1:04d}.jpg"), quality=95)
-    np.savetxt(os.path.join(folder, "groundtruth.txt"), boxes, fmt="%g", delimiter=",")
-
-
 def text_box(text):
     return [float(v) for v in text.split(",")]
 
@@ -282,7 +262,7 @@ def demo(cmd, tmp, standin):
 def placeholder_box(cmd, tmp, standin):
     work = make_workdir(tmp)
     frames, gt = clip((320, 240), (120, 80, 60, 90), 10)
-    write_mp4(os.path.join(work, "video.mp4"), frames)
+    write_clip(os.path.join(work, "video.mp4"), frames)
     # as written: x,y,w,h is not a box; bad input ends with one line naming the argument, and exit code 2
     r = run_command(cmd, work, check=False)
     assert r.returncode == 2 and "--box" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -296,7 +276,7 @@ def placeholder_box(cmd, tmp, standin):
 def video(cmd, tmp, standin):
     work = make_workdir(tmp)
     frames, gt = clip((320, 240), (120, 80, 60, 90), 10)
-    write_mp4(os.path.join(work, "video.mp4"), frames)
+    write_clip(os.path.join(work, "video.mp4"), frames)
     run_command(cmd, work)
     boxes = read_boxes(os.path.join(work, "boxes.txt"))
     assert len(boxes) == len(frames) and np.allclose(boxes[0], [120, 80, 60, 90])
@@ -307,7 +287,7 @@ def video(cmd, tmp, standin):
 def sidecar(cmd, tmp, standin):
     work = make_workdir(tmp)
     frames, gt = clip((96, 64), (20, 16, 20, 16), 8)
-    write_mp4(os.path.join(work, "clip.mp4"), frames)
+    write_clip(os.path.join(work, "clip.mp4"), frames)
     with open(os.path.join(work, "clip.txt"), "w") as f:       # the sidecar: its first line is the first box
         f.write("20,16,20,16\n")
     r = run_command(cmd, work)
@@ -318,7 +298,7 @@ def sidecar(cmd, tmp, standin):
 def sequence(cmd, tmp, standin):
     work = make_workdir(tmp)
     frames, gt = clip((96, 64), (20, 16, 20, 16), 8)
-    write_sequence(os.path.join(work, "path", "to", "otb", "Girl"), frames, gt)
+    write_clip(os.path.join(work, "path", "to", "otb", "Girl"), frames, gt)
     r = run_command(cmd, work)
     assert re.search(r"^Girl: AUC [\d.]+ .*\(8 frames with ground truth\)", r.stdout, re.M), r.stdout
 
@@ -328,7 +308,7 @@ def dataset(cmd, tmp, standin):
     work = make_workdir(tmp)
     for name, box in (("Boy", (10, 8, 20, 16)), ("Girl", (30, 20, 16, 20))):
         frames, gt = clip((96, 64), box, 6)
-        write_sequence(os.path.join(work, "path", "to", "OTB100", name), frames, gt)
+        write_clip(os.path.join(work, "path", "to", "OTB100", name), frames, gt)
     r = run_command(cmd, work)
     for name, box in (("Boy", (10, 8, 20, 16)), ("Girl", (30, 20, 16, 20))):
         boxes = read_boxes(os.path.join(work, "results", name + ".txt"))
@@ -342,7 +322,7 @@ def dataset(cmd, tmp, standin):
 def smoke(cmd, tmp, standin):
     work = make_workdir(tmp)
     frames, gt = clip((128, 64), (10, 10, 40, 40), 60, step=(1, 0))
-    write_gif(os.path.join(work, "clip.gif"), frames)
+    write_clip(os.path.join(work, "clip.gif"), frames)
     assert n_frames(os.path.join(work, "clip.gif")) == 60
     r = run_command(cmd, work)
     assert "tiny, 50 frames)" in r.stdout, r.stdout                          # --frames 50 of the 60
@@ -370,22 +350,22 @@ def resume(cmd, tmp, standin):
         assert "resuming from out/last.pt" in f.read()
 
 
-@case("python train.py --out out/real3 --export assets/pntrack-tiny.pt")
+@case("python train.py --out out/p3f1 --export assets/pntrack-tiny.pt")
 def export(cmd, tmp, standin):
     work = make_workdir(tmp, exclude={"pntrack-tiny.pt"})
-    shutil.copytree(standin, os.path.join(work, "out", "real3"))
+    shutil.copytree(standin, os.path.join(work, "out", "p3f1"))
     run_command(cmd, work)
     import torch
-    ckpt = torch.load(os.path.join(work, "assets", "pntrack-tiny.pt"), map_location="cpu", weights_only=False)
+    ckpt = torch.load(os.path.join(work, "assets", "pntrack-tiny.pt"), map_location="cpu", weights_only=True)
     tensors = [v for v in ckpt["model"].values() if torch.is_tensor(v) and v.is_floating_point()]
     assert tensors and all(v.dtype == torch.float16 for v in tensors), "--export must write fp16 weights"
 
 
-@case("python train.py --explain assets --ckpt out/real3/pntrack.pt --log out/real3/train.log")
+@case("python train.py --explain assets --ckpt out/p3f1/pntrack.pt --log out/p3f1/train.log")
 def explain(cmd, tmp, standin):
     figures = {n for n in os.listdir(os.path.join(ROOT, "assets")) if n.endswith((".png", ".gif"))}
     work = make_workdir(tmp, exclude=figures)                   # it draws into assets/: no links to the figures
-    shutil.copytree(standin, os.path.join(work, "out", "real3"))
+    shutil.copytree(standin, os.path.join(work, "out", "p3f1"))
     r = run_command(cmd, work)
     wrote = re.findall(r"^wrote (assets/\S+)", r.stdout, re.M)
     assert len(wrote) == 5, f"the README says 5 figures; wrote {wrote}"

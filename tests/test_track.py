@@ -25,12 +25,12 @@ from conftest import (CLIP_N, FAST_CFG, ROOT, ConstantNet, count_frames, make_cl
 
 # --- what the shipped weights must score (re-measure and move these when the weights change) -------------------
 # The demo: mean IoU of the shipped weights on the hand-drawn frames of the demo clip. Measured with
-# `pytest -q -k demo_with_no_arguments -s` (it prints the mean IoU and the static first box's):
-# the effnet-lite0 assets/pntrack-tiny.pt shipped on 2026-11-28 afternoon (search 3x) scores 0.470 (the morning's
-# weights: 0.419, and 0.393 with a plain window and free aspect; the static first box: 0.382; the first design's
-# weights scored 0.344, holding the box on 130 of 131 frames). A box that leaves the rabbit scores below 0.1 on these
-# frames; the floor sits 0.09 under the measurement, room for float differences between machines.
-DEMO_IOU_FLOOR = 0.38
+# `pytest -q -k demo_with_no_arguments -s` (it prints the mean IoU and the static first box's): the weights shipped
+# with issue 24 (pool3, --first-template, verified moves) score 0.674 on the 2-core Intel Xeon VM; the weights
+# before them 0.470 on the AMD EPYC VM and 0.340 on the Xeon; the static first box 0.382. A box that leaves the
+# rabbit scores below 0.1 on these frames; the floor sits 0.12 under the measurement, room for float differences
+# between machines, and above the static box.
+DEMO_IOU_FLOOR = 0.55
 DEMO_GT = os.path.splitext(track.DEMO_CLIP)[0] + "_gt.txt"     # frame_index,x,y,w,h lines drawn by hand
 # The test sequences (../shared): each AUC within this of the README's table
 README_AUC_TOLERANCE = 0.01
@@ -153,7 +153,7 @@ def test_model_fps_counts_only_the_frames_the_network_saw():
 
 def test_frames_that_change_size_unevenly_move_x_and_w_with_the_width_and_y_and_h_with_the_height(capsys):
     small, wide = make_clip(2, (48, 36), side=12, start=(10, 8))[0], make_clip(2, (96, 54), side=24, start=(20, 12))[0]
-    tracker = pntrack.Tracker(ConstantNet(tiny()), device="cpu")    # peak 0.3 < 0.5: it holds its box
+    tracker = pntrack.Tracker(ConstantNet(tiny(hold_below_score=0.5)), device="cpu")   # peak 0.3 < 0.5: it holds its box
     boxes, _, _ = track.run_tracker(tracker, small + wide, (10, 8, 16, 12), name="clip")
     assert np.allclose(boxes, [[10, 8, 16, 12]] * 2 + [[20, 12, 32, 18]] * 2)   # x, w times 2; y, h times 1.5
     assert capsys.readouterr().err == "warning: clip: frame 3 is 96x54, earlier frames were 48x36; the box is " \
@@ -314,8 +314,8 @@ def test_shipped_weights_track_generated_clips_better_than_the_static_box_and_th
         static = np.mean([track.evaluate(np.repeat(g[:1], len(g), 0), g)["auc"] for g in gts])
         ours = mean_auc(net)
         # the preset holds the box on unsure frames (most frames here), where the window plays no part; without
-        # the hold, the window's preference for the last position keeps the tracker off the distractors
-        net.cfg = replace(net.cfg, hold_below_score=0.0)
+        # the hold and the verification, the window's preference for the last position keeps the tracker off the distractors
+        net.cfg = replace(net.cfg, hold_below_score=0.0, verify_move=False)    # (verification damps moves too)
         windowed, flat = mean_auc(net), mean_auc(net, window=False)
     finally:
         torch.set_num_threads(threads)
