@@ -174,6 +174,21 @@ def test_the_token_sequence_is_context_then_templates_with_pos_z_then_search_wit
     assert torch.allclose(seen[0], torch.cat([ctx, z_tokens.reshape(1, 32, -1), x_tokens], 1), atol=1e-6)
 
 
+def test_drop_path_drops_whole_residual_branches_at_rates_linear_over_depth():
+    # train.py --drop-path reaches the config; the rates rise linearly from 0 (first block) to it (last)
+    cfg = train.config_from_args(train.parse_args(["--drop-path", "0.2"]))
+    net = pntrack.PNTrack(replace(cfg, stem="patch16", depth=5))
+    assert [b.drop_path for b in net.blocks] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+    # in training a sample's branch is either gone (0) or scaled by 1 / (1 - p); in eval it passes unchanged
+    torch.manual_seed(0)
+    x = torch.randn(4000, 3, 2) + 3
+    out = pntrack.drop_path(x, 0.25, training=True)
+    kept = (out != 0).all(2).all(1)
+    assert ((out == 0).all(2).all(1) | kept).all()
+    assert torch.allclose(out[kept], x[kept] / 0.75) and abs(kept.float().mean().item() - 0.75) < 0.03
+    assert torch.equal(pntrack.drop_path(x, 0.25, training=False), x)
+
+
 @pytest.mark.parametrize("dropmae", [False, True])
 def test_load_pretrained_loads_every_backbone_tensor(tmp_path, dropmae):
     cfg = tiny(stem="patch16")                         # MAE / DropMAE weights are a ViT's: the patch16 stem

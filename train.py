@@ -599,6 +599,7 @@ def parse_args(argv):
     g.add_argument("--stem-lr-mult", type=float, help="effnet-lite0: lr of its pretrained part = lr * this (0: frozen)")
     g.add_argument("--stem-bn", choices=["frozen", "train"], help="effnet-lite0: BatchNorm statistics kept or updated")
     g.add_argument("--stem-freeze-epochs", type=int, help="effnet-lite0: its pretrained part is not updated in epochs <= N")
+    g.add_argument("--drop-path", type=float, help="stochastic depth, max rate (tiny: 0; the ViT-B presets: 0.1)")
     g.add_argument("--generated", choices=["simple", "natural"],
                    help="generated videos: simple shapes, or natural-looking ones (see GeneratedVideo)")
     return p.parse_args(argv)
@@ -610,7 +611,7 @@ def config_from_args(args):
                 dca_schedule=args.dca_schedule, template_crop=args.template_crop, forward_search=args.forward_search,
                 max_gap=args.max_gap, extra_instances=args.extra_instances, mix_generated=args.mix_generated,
                 generated=args.generated, stem=args.stem, stem_lr_mult=args.stem_lr_mult,
-                stem_freeze_epochs=args.stem_freeze_epochs,
+                stem_freeze_epochs=args.stem_freeze_epochs, drop_path=args.drop_path,
                 stem_frozen_bn=None if args.stem_bn is None else args.stem_bn == "frozen")
     over = {k: v for k, v in over.items() if v is not None}
     for flag, field in (("no_dca", "dca"), ("no_prompt", "prompt"), ("no_noise", "noise"), ("no_contrast", "contrast")):
