@@ -166,6 +166,8 @@ def make_config(name="tiny", **overrides):
                            ("forward_search", ("global", "local")), ("stem", STEMS)):
         if getattr(cfg, field) not in allowed:
             raise ValueError(f"{field} must be {' or '.join(allowed)}, not {getattr(cfg, field)!r}")
+    if not 0 <= cfg.drop_path < 1:                # 1 would drop every branch and divide by zero
+        raise ValueError(f"drop_path must be in [0, 1), not {cfg.drop_path}")
     if cfg.stem == "effnet-lite0" and cfg.patch_size != 16:
         raise ValueError("stem effnet-lite0 makes one token per 16-px cell: patch_size must be 16")
     if cfg.grad_through_crop and (cfg.template_crop, cfg.forward_search) != ("batched", "global"):

@@ -187,6 +187,8 @@ def test_drop_path_drops_whole_residual_branches_at_rates_linear_over_depth():
     assert ((out == 0).all(2).all(1) | kept).all()
     assert torch.allclose(out[kept], x[kept] / 0.75) and abs(kept.float().mean().item() - 0.75) < 0.03
     assert torch.equal(pntrack.drop_path(x, 0.25, training=False), x)
+    with pytest.raises(ValueError, match="drop_path"):
+        train.config_from_args(train.parse_args(["--drop-path", "1"]))
 
 
 @pytest.mark.parametrize("dropmae", [False, True])
