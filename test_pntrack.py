@@ -1005,6 +1005,44 @@ def test_batchnorm_folding_keeps_outputs_and_leaves_the_network_alone():
             assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_pointwise_and_float64_convs_compute_what_nn_conv2d_does():
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 9, 7)
+    one, three = torch.nn.Conv2d(24, 40, 1), pntrack.Conv2dF64(24, 40, 3, padding=1)
+    with torch.no_grad():
+        y = pntrack.pointwise(one, x)
+        assert y.shape == (2, 40, 9, 7) and torch.allclose(y, F.conv2d(x, one.weight, one.bias), atol=1e-5)
+        assert torch.allclose(three(x), F.conv2d(x, three.weight, three.bias, padding=1), atol=1e-5)
+    x.requires_grad_(True)                                            # both train: gradients reach input and weights
+    (pntrack.pointwise(one, x).sum() + three(x).sum()).backward()
+    assert x.grad.abs().sum() > 0 and one.weight.grad.abs().sum() > 0 and three.weight.grad.abs().sum() > 0
+
+
+def test_network_and_tracker_give_bit_identical_results_on_1_and_2_threads():
+    # ours (docs/RESULTS.md, "Threads"): the stem's 1x1 convs run as matrix products (`pointwise`) and the head's
+    # first convs sum in float64 (`Conv2dF64`), so no float sum depends on the thread count and a run's boxes are the
+    # same whatever --threads is. With nn.Conv2d in either place, 1 and 2 threads differ by ~1e-6 to 1e-5.
+    net = pntrack.load_checkpoint(track.SHIPPED_CKPT)                 # trained weights: realistic activations
+    frames, gt = make_clip(30, size=(192, 144), generated=3)
+    torch.manual_seed(0)
+    z, x = torch.randn(1, 3, 3, 64, 64), torch.randn(1, 3, 128, 128)
+    threads, runs = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            tracker = pntrack.Tracker(net, device="cpu")
+            with torch.no_grad():
+                outputs = tracker.net(z, x)
+            boxes = track.run_tracker(tracker, frames, gt[0])[0]
+            runs.append((outputs, boxes))
+    finally:
+        torch.set_num_threads(threads)
+    (out1, boxes1), (out2, boxes2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(out1, out2))
+    assert np.array_equal(boxes1, boxes2)
+    assert np.ptp(boxes1[:, 0]) > 5 or np.ptp(boxes1[:, 1]) > 5      # and the box did move: a real comparison
+
+
 def test_checkpoint_round_trip_restores_config_and_weights(tmp_path):
     net = pntrack.PNTrack(tiny(n_templates=2))
     pntrack.save_checkpoint(str(tmp_path / "m.pt"), net)
