@@ -400,10 +400,11 @@ class PatchEmbed(nn.Module):
 
 
 class Conv2dF64(nn.Conv2d):
-    """nn.Conv2d whose sums run in float64 on a CPU, rounded back to float32. Ours, for thread-independent
-    results (docs/RESULTS.md, "Threads"): a head tower's first conv sums 9 * D = 1728 products per output, and the
-    CPU's matrix product splits such long sums between threads, so in float32 its result changes with the thread
-    count (by ~1e-6, enough to flip a tracker's decision). In float64 the order's effect is ~1e-16: gone once rounded."""
+    """nn.Conv2d whose sums run in float64 on a CPU, rounded back to float32. Ours, for results that do not depend
+    on the thread count (docs/RESULTS.md, "One result per machine"): a head tower's first conv sums 9 * D products
+    per output (1728 in tiny), and the CPU's matrix product splits sums that long between threads, so in float32
+    its result changes with the thread count (by ~1e-6, enough to flip a tracker's decision). In float64 the
+    order's effect is ~1e-16, gone once rounded."""
     def forward(self, x):
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return super().forward(x)
@@ -620,8 +621,8 @@ class Conv2dSame(nn.Conv2d):
 def pointwise(conv, x):
     """A 1x1 conv as one matrix product over the channels: (B, Cin, H, W) -> (B, Cout, H, W), channels-last in
     memory. Ours: the same sums as `conv(x)`, in an order that does not change with the thread count (oneDNN's 1x1
-    conv sums in one order on 1 thread and another on 2; docs/RESULTS.md, "Threads"), and the stem runs ~30%
-    faster on a CPU (the depthwise convs get channels-last input)."""
+    conv sums in one order on 1 thread and another on 2; docs/RESULTS.md, "One result per machine"), and the stem
+    takes a third less time on a CPU (the depthwise convs between get channels-last input)."""
     return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
 
 
