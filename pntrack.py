@@ -30,6 +30,14 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 
+# Ours: results that do not depend on the thread count (docs/RESULTS.md, "One result per machine"). Intel MKL's
+# "strict CNR" mode makes its float32 matrix products (the ViT's linear layers, `pointwise`, the head's convs) sum
+# in the same order on any number of threads; by default a 1728-term sum of the head, split between 2 threads,
+# differs from 1 thread's by ~1e-6: enough to flip a tracker's decision. MKL reads it at its first call, so it
+# holds where pntrack is imported before any matrix product runs (the scripts import it first); a value you set
+# yourself is kept.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -399,21 +407,8 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, (S/P)^2, D)
 
 
-class Conv2dF64(nn.Conv2d):
-    """nn.Conv2d whose sums run in float64 on a CPU, rounded back to float32. Ours, for results that do not depend
-    on the thread count (docs/RESULTS.md, "One result per machine"): a head tower's first conv sums 9 * D products
-    per output (1728 in tiny), and the CPU's matrix product splits sums that long between threads, so in float32
-    its result changes with the thread count (by ~1e-6, enough to flip a tracker's decision). In float64 the
-    order's effect is ~1e-16, gone once rounded."""
-    def forward(self, x):
-        if x.device.type != "cpu" or x.dtype != torch.float32:
-            return super().forward(x)
-        bias = None if self.bias is None else self.bias.double()
-        return self._conv_forward(x.double(), self.weight.double(), bias).float()
-
-
-def conv_bn_relu(cin, cout, conv=nn.Conv2d):
-    return nn.Sequential(conv(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+def conv_bn_relu(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class CenterHead(nn.Module):
@@ -423,7 +418,7 @@ class CenterHead(nn.Module):
         c = channels
 
         def tower(n_out):
-            return nn.Sequential(conv_bn_relu(dim, c, Conv2dF64), conv_bn_relu(c, c // 2), conv_bn_relu(c // 2, c // 4),
+            return nn.Sequential(conv_bn_relu(dim, c), conv_bn_relu(c, c // 2), conv_bn_relu(c // 2, c // 4),
                                  conv_bn_relu(c // 4, c // 8), nn.Conv2d(c // 8, n_out, 1))
         self.score, self.size, self.offset = tower(1), tower(2), tower(2)
         # our choice: start the score map at a low prior (p = 0.01), as RetinaNet/CenterNet do for focal
@@ -620,9 +615,9 @@ class Conv2dSame(nn.Conv2d):
 
 def pointwise(conv, x):
     """A 1x1 conv as one matrix product over the channels: (B, Cin, H, W) -> (B, Cout, H, W), channels-last in
-    memory. Ours: the same sums as `conv(x)`, in an order that does not change with the thread count (oneDNN's 1x1
-    conv sums in one order on 1 thread and another on 2; docs/RESULTS.md, "One result per machine"), and the stem
-    takes a third less time on a CPU (the depthwise convs between get channels-last input)."""
+    memory. Ours: the same sums as `conv(x)`, done by MKL, whose order does not change with the thread count (see
+    MKL_CBWR at the top; oneDNN's 1x1 conv sums in one order on 1 thread and another on 2), and the stem takes a
+    third less time on a CPU (the depthwise convs between get channels-last input)."""
     return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
 
 

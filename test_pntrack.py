@@ -1005,23 +1005,22 @@ def test_batchnorm_folding_keeps_outputs_and_leaves_the_network_alone():
             assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_pointwise_and_float64_convs_compute_what_nn_conv2d_does():
+def test_pointwise_computes_what_a_1x1_nn_conv2d_does():
     torch.manual_seed(0)
     x = torch.randn(2, 24, 9, 7)
-    one, three = torch.nn.Conv2d(24, 40, 1), pntrack.Conv2dF64(24, 40, 3, padding=1)
+    conv = torch.nn.Conv2d(24, 40, 1)
     with torch.no_grad():
-        y = pntrack.pointwise(one, x)
-        assert y.shape == (2, 40, 9, 7) and torch.allclose(y, F.conv2d(x, one.weight, one.bias), atol=1e-5)
-        assert torch.allclose(three(x), F.conv2d(x, three.weight, three.bias, padding=1), atol=1e-5)
-    x.requires_grad_(True)                                            # both train: gradients reach input and weights
-    (pntrack.pointwise(one, x).sum() + three(x).sum()).backward()
-    assert x.grad.abs().sum() > 0 and one.weight.grad.abs().sum() > 0 and three.weight.grad.abs().sum() > 0
+        y = pntrack.pointwise(conv, x)
+        assert y.shape == (2, 40, 9, 7) and torch.allclose(y, F.conv2d(x, conv.weight, conv.bias), atol=1e-5)
+    x.requires_grad_(True)                                            # it trains: gradients reach input and weights
+    pntrack.pointwise(conv, x).sum().backward()
+    assert x.grad.abs().sum() > 0 and conv.weight.grad.abs().sum() > 0 and conv.bias.grad.abs().sum() > 0
 
 
 def test_network_and_tracker_give_bit_identical_results_on_1_and_2_threads():
-    # ours (docs/RESULTS.md, "Threads"): the stem's 1x1 convs run as matrix products (`pointwise`) and the head's
-    # first convs sum in float64 (`Conv2dF64`), so no float sum depends on the thread count and a run's boxes are the
-    # same whatever --threads is. With nn.Conv2d in either place, 1 and 2 threads differ by ~1e-6 to 1e-5.
+    # ours (docs/RESULTS.md, "One result per machine"): the stem's 1x1 convs run as matrix products (`pointwise`)
+    # and MKL sums every matrix product in one order on any thread count (MKL_CBWR, set when pntrack is imported),
+    # so a run's boxes are the same whatever --threads is. Without either, 1 and 2 threads differ by 1e-6 to 1e-5.
     net = pntrack.load_checkpoint(track.SHIPPED_CKPT)                 # trained weights: realistic activations
     frames, gt = make_clip(30, size=(192, 144), generated=3)
     torch.manual_seed(0)
