@@ -229,9 +229,10 @@ def parse_args(argv):
     p.add_argument("--config", choices=list(pntrack.PRESETS),
                    help="use an UNTRAINED network of this preset instead of a checkpoint (smoke runs, speed)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (torch.set_num_threads); when other jobs "
-                                               "share the CPU use fewer than the free cores (oversubscribed, it "
-                                               "runs many times slower)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (torch.set_num_threads): changes the speed, "
+                                               "not the boxes (on x86 CPUs, with torch's Intel MKL); when other "
+                                               "jobs share the CPU use fewer than the free cores (oversubscribed, "
+                                               "it runs many times slower)")
     p.add_argument("--compile", action="store_true",
                    help="wrap the network in torch.compile: helps on a GPU only, and the first frames take "
                         "a while (compilation), so it pays off on long videos")
